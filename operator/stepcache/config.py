@@ -49,6 +49,8 @@ class Settings:
     webhook_key_file: pathlib.Path = pathlib.Path("/etc/stepcache/tls/tls.key")
     metrics_port: int = 8080
     """0 disables the Prometheus endpoint."""
+    health_port: int = 8081
+    """kopf's liveness endpoint (/healthz); 0 disables it."""
     log_format: LogFormat = "json"
     log_level: str = "info"
     db_pool_size: int = 4
@@ -88,6 +90,7 @@ class Settings:
             webhook_cert_file=pathlib.Path(env.nonempty("STEPCACHE_WEBHOOK_CERT_FILE", str(defaults.webhook_cert_file))),
             webhook_key_file=pathlib.Path(env.nonempty("STEPCACHE_WEBHOOK_KEY_FILE", str(defaults.webhook_key_file))),
             metrics_port=env.integer("STEPCACHE_METRICS_PORT", defaults.metrics_port, minimum=0, maximum=65535),
+            health_port=env.integer("STEPCACHE_HEALTH_PORT", defaults.health_port, minimum=0, maximum=65535),
             log_format=env.choice("STEPCACHE_LOG_FORMAT", defaults.log_format, ("json", "console")),  # type: ignore[arg-type]
             log_level=env.choice("STEPCACHE_LOG_LEVEL", defaults.log_level, _LOG_LEVELS),
             db_pool_size=env.integer("STEPCACHE_DB_POOL_SIZE", defaults.db_pool_size, minimum=1, maximum=100),

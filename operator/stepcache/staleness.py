@@ -27,6 +27,8 @@ _EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 def parse(text: str) -> datetime.timedelta:
     """Parse an ISO 8601 duration (`P7D`, `PT12H`, `P1Y2M`) into a non-negative timedelta; raise ValueError."""
+    if not any(ch.isdigit() for ch in text):
+        raise ValueError("not an ISO 8601 duration: no number in it")
     try:
         duration = isodate.parse_duration(text.strip())
     except (isodate.ISO8601Error, ValueError, TypeError) as exc:

@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` and `make test`. Both install what they need on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit integration e2e lint deps system-deps control-plane bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+# PostgreSQL (server binaries) and bubblewrap (the process kubelet's termination-message mounts), from Debian.
+system-deps:
+	@hack/install-system-deps.sh
+
+control-plane: system-deps
+	@hack/cluster/build.sh >/dev/null
+
+lint: deps
+	$(VENV)/bin/ruff check operator tests hack bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+unit: deps
+	$(VENV)/bin/pytest tests/unit -q
+
+integration: deps system-deps
+	$(VENV)/bin/pytest tests/integration -q
+
+e2e: deps control-plane
+	$(VENV)/bin/pytest tests/e2e -q
+
+test: deps control-plane lint
+	$(VENV)/bin/pytest tests -q -p no:cacheprovider
+
+demo: deps control-plane
+	$(PY) -m hack.demo $(DEMO_ARGS)
+
+bench: deps control-plane
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,141 @@
+"""The admission decision for one pod CREATE: skip, miss or hit, always failing open.
+
+`decide` returns a merge patch and warnings; the kopf handler in `main` copies them into kopf's `patch` and
+`warnings`. Nothing here may raise out: kopf turns an exception into `allowed: false`, which would deny the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from stepcache import errors, keys, logs, metrics, mutation, runtime, signing, staleness
+
+__all__ = ["Verdict", "decide"]
+
+log = logs.get(__name__)
+
+_PREFIX = "stepcache: "
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """What to do with the pod: the merge patch to apply and the warnings to return to the client."""
+
+    outcome: str
+    patch: dict[str, Any]
+    warnings: tuple[str, ...] = ()
+    entry_id: int | None = None
+
+
+async def decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -> Verdict:
+    """Decide one admission; never raises (a bug admits the pod unchanged, with a warning)."""
+    try:
+        verdict = await _decide(rt, pod, dryrun=dryrun)
+    except Exception as exc:  # noqa: BLE001 — failing open is the contract; the pod must never be denied
+        metrics.ADMISSION_FAILURES.labels(reason="internal-error").inc()
+        log.exception("admission_failed_open", pod=_pod_ref(pod), error=repr(exc))
+        verdict = Verdict(
+            outcome="error",
+            patch={},
+            warnings=(f"{_PREFIX}internal error ({type(exc).__name__}); the pod runs uncached",),
+        )
+    metrics.ADMISSIONS.labels(outcome=verdict.outcome).inc()
+    return verdict
+
+
+async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -> Verdict:
+    metadata = pod.get("metadata") or {}
+    namespace = metadata.get("namespace") or ""
+    if namespace not in rt.namespaces:
+        return Verdict(outcome="skip", patch=mutation.skip_patch(pod))
+    reason = keys.skip_reason(pod)
+    if reason is not None:
+        return Verdict(outcome="skip", patch=mutation.skip_patch(pod))
+    if _is_signed_hit(rt, pod, namespace=namespace):
+        # Re-invocation (or a copy) of a pod stepcache already turned into a replay: leave it as it is.
+        return Verdict(outcome="skip", patch={})
+
+    try:
+        key = keys.compute(pod, namespace=namespace, options=rt.key_options)
+    except errors.Uncacheable as exc:
+        metrics.ADMISSION_FAILURES.labels(reason="uncacheable").inc()
+        log.info("uncacheable", pod=_pod_ref(pod), reason=exc.reason)
+        return Verdict(outcome="uncacheable", patch=mutation.skip_patch(pod), warnings=(f"{_PREFIX}{exc.reason}; the pod runs uncached",))
+
+    warnings: list[str] = []
+    tagged = keys.tag_only_images(pod, key.containers)
+    if tagged and rt.settings.require_digest:
+        return Verdict(
+            outcome="uncacheable",
+            patch=mutation.skip_patch(pod),
+            warnings=tuple(
+                f"{_PREFIX}image {image!r} has no digest and STEPCACHE_REQUIRE_DIGEST=true; the pod runs uncached"
+                for image in tagged
+            ),
+        )
+    warnings.extend(f"{_PREFIX}{keys.tag_warning(image)}" for image in tagged)
+
+    key_containers = ",".join(key.containers)
+    signed = mutation.Signed(
+        key=key.value,
+        key_containers=key.containers,
+        signature=signing.signature(rt.signing_key, namespace=namespace, key=key.value, key_containers=key_containers),
+    )
+    miss = mutation.miss_patch(pod, signed=signed)
+
+    try:
+        decision = staleness.decide(
+            metadata.get("annotations") or {},
+            default=rt.settings.default_max_staleness,
+            cap=rt.settings.max_staleness,
+        )
+    except errors.InvalidAnnotation as exc:
+        metrics.ADMISSION_FAILURES.labels(reason="invalid-annotation").inc()
+        warnings.append(f"{_PREFIX}annotation {exc.name}: {exc.reason}; the pod runs uncached (its result is recorded)")
+        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+    if not decision.may_reuse:
+        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+
+    try:
+        async with asyncio.timeout(rt.settings.db_timeout):
+            entry = await rt.store.lookup(namespace=namespace, cache_key=key.value, max_age=decision.max_age)
+    except (errors.StoreUnavailable, TimeoutError) as exc:
+        metrics.ADMISSION_FAILURES.labels(reason="store-unavailable").inc()
+        log.warning("lookup_failed_open", pod=_pod_ref(pod), key=key.value, error=str(exc) or type(exc).__name__)
+        warnings.append(f"{_PREFIX}cache unavailable ({type(exc).__name__}); the pod runs uncached and is recorded later")
+        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+    if entry is None:
+        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+
+    try:
+        hit = mutation.hit_patch(pod, signed=signed, entry=entry, options=rt.replay_options, kfp=keys.is_kfp(pod))
+    except errors.Uncacheable as exc:
+        metrics.ADMISSION_FAILURES.labels(reason="not-replayable").inc()
+        log.info("not_replayable", pod=_pod_ref(pod), key=key.value, entry_id=entry.id, reason=exc.reason)
+        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+    if not dryrun:
+        rt.store.note_hit(entry.id)
+    return Verdict(outcome="hit", patch=hit, warnings=tuple(warnings), entry_id=entry.id)
+
+
+def _is_signed_hit(rt: runtime.Runtime, pod: Mapping[str, Any], *, namespace: str) -> bool:
+    """A hit label is believed only on a pod whose key annotations carry a valid signature."""
+    metadata = pod.get("metadata") or {}
+    if (metadata.get("labels") or {}).get(mutation.HIT) != "true":
+        return False
+    annotations = metadata.get("annotations") or {}
+    return signing.verify(
+        rt.signing_key,
+        namespace=namespace,
+        key=annotations.get(mutation.KEY, ""),
+        key_containers=annotations.get(mutation.KEY_CONTAINERS, ""),
+        signature=annotations.get(mutation.KEY_SIGNATURE, ""),
+    )
+
+
+def _pod_ref(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return f"{metadata.get('namespace', '')}/{metadata.get('name') or metadata.get('generateName', '') + '*'}"

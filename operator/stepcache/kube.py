@@ -1,0 +1,110 @@
+"""The Kubernetes API calls stepcache makes itself (kopf makes the watches): a thin kubernetes-asyncio adapter.
+
+The only write to a user's pod is the cache-id label, and it is guarded by the pod's uid so a label never lands on
+a different pod that reused the name.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets as pysecrets
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from stepcache import mutation
+
+__all__ = ["Kube", "SIGNING_SECRET", "connect"]
+
+SIGNING_SECRET = "stepcache-signing-key"
+_SIGNING_FIELD = "key"
+_WORKFLOW_GROUP = "argoproj.io"
+_WORKFLOW_VERSION = "v1alpha1"
+
+
+async def connect() -> Kube:
+    """Log in the way kubectl would: in-cluster when running in a pod, else $KUBECONFIG or ~/.kube/config."""
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        await config.load_kube_config(client_configuration=configuration)
+    return Kube(client.ApiClient(configuration))
+
+
+class Kube:
+    """The calls, each one request; errors other than "not found" / "conflict" propagate as ApiException."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+        self._core = client.CoreV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def label_cache_id(self, *, namespace: str, name: str, uid: str, entry_id: int) -> bool:
+        """Set the pod's cache-id label; False when the pod is gone (or is another pod by now)."""
+        escaped = mutation.CACHE_ID.replace("~", "~0").replace("/", "~1")
+        body = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": f"/metadata/labels/{escaped}", "value": str(entry_id)},
+        ]
+        try:
+            await self._core.patch_namespaced_pod(name, namespace, body)
+        except ApiException as exc:
+            if exc.status in (404, 422):  # gone, or the uid test failed: not our pod any more
+                return False
+            raise
+        return True
+
+    async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        """Argo's WorkflowTaskResult for a node, or None when it (or its CRD) does not exist."""
+        try:
+            result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
+                _WORKFLOW_GROUP, _WORKFLOW_VERSION, namespace, "workflowtaskresults", name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    async def signing_key(self, *, namespace: str) -> bytes:
+        """Read the shared signing key, creating it if missing; replicas racing to create end up with one key."""
+        existing = await self._read_signing_secret(namespace)
+        if existing is not None:
+            return existing
+        fresh = pysecrets.token_bytes(32)
+        secret = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=SIGNING_SECRET,
+                labels={"app.kubernetes.io/name": "stepcache", "app.kubernetes.io/component": "signing-key"},
+            ),
+            type="Opaque",
+            data={_SIGNING_FIELD: base64.b64encode(fresh).decode("ascii")},
+        )
+        try:
+            await self._core.create_namespaced_secret(namespace, secret)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            raced = await self._read_signing_secret(namespace)
+            if raced is None:
+                raise RuntimeError(f"Secret {namespace}/{SIGNING_SECRET} vanished right after a create conflict") from exc
+            return raced
+        return fresh
+
+    async def _read_signing_secret(self, namespace: str) -> bytes | None:
+        try:
+            secret = await self._core.read_namespaced_secret(SIGNING_SECRET, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        encoded = (secret.data or {}).get(_SIGNING_FIELD)
+        if not encoded:
+            raise ValueError(f"Secret {namespace}/{SIGNING_SECRET} has no data field {_SIGNING_FIELD!r}")
+        return base64.b64decode(encoded)

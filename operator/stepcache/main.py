@@ -1,0 +1,258 @@
+"""The operator process: kopf handlers wired to stepcache's logic, one `Runtime` per process.
+
+Handlers are registered on a registry built by `build_registry`, never on kopf's global one, so tests can run an
+operator in-process and the handlers stay free of module state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from stepcache import (
+    admission,
+    config,
+    errors,
+    keys,
+    kube,
+    logs,
+    metrics,
+    mutation,
+    recorder,
+    runtime,
+    store,
+)
+
+__all__ = ["FINALIZER", "WEBHOOK_ID", "build_registry", "run"]
+
+log = logs.get(__name__)
+
+WEBHOOK_ID = "mutate-pods"
+"""kopf's WebhookServer routes POST /<handler id>: the MutatingWebhookConfiguration's path is /mutate-pods."""
+FINALIZER = "stepcache.dev/finalizer"
+_POD_SELECTOR = ("v1", "pods")
+_NAMESPACE_SELECTOR = ("v1", "namespaces")
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf writes nothing on users' pods: no last-handled-configuration annotation."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
+class _NoProgress(kopf.ProgressStorage):
+    """kopf writes nothing on users' pods: no per-handler progress annotations (so no kopf retries either)."""
+
+    def fetch(self, *, key: kopf.HandlerId, body: kopf.Body) -> kopf.ProgressRecord | None:
+        return None
+
+    def store(self, *, key: kopf.HandlerId, record: kopf.ProgressRecord, body: kopf.Body, patch: kopf.Patch) -> None:
+        return None
+
+    def purge(self, *, key: kopf.HandlerId, body: kopf.Body, patch: kopf.Patch) -> None:
+        return None
+
+    def touch(self, *, body: kopf.Body, patch: kopf.Patch, value: str | None) -> None:
+        return None
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        return essence
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settings) -> None:
+    """kopf settings that make it write nothing but the cache-id label and watch only what the recorder needs."""
+    kopf_settings.persistence.diffbase_storage = _NoDiffBase()
+    kopf_settings.persistence.progress_storage = _NoProgress()
+    kopf_settings.persistence.finalizer = FINALIZER
+    kopf_settings.posting.enabled = False  # kopf's own per-handler Events would be writes on users' pods
+    kopf_settings.peering.standalone = True
+    # The documented `['v1/pods']` key form silently matches nothing (shared/KOPF.md); this form works.
+    kopf_settings.watching.label_selectors[_POD_SELECTOR] = f"{mutation.CACHE_ID}="
+    kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
+    kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = "stepcache.dev/enabled=true"
+    kopf_settings.admission.managed = None  # we ship our own MutatingWebhookConfiguration (manifests/)
+    kopf_settings.admission.server = kopf.WebhookServer(
+        addr=settings.webhook_host,
+        port=settings.webhook_port,
+        certfile=str(settings.webhook_cert_file),
+        pkeyfile=str(settings.webhook_key_file),
+    )
+
+
+async def build_runtime(
+    settings: config.Settings, *, kube_api: kube.Kube, signing_key: bytes | None
+) -> runtime.Runtime:
+    """Connect and migrate the store (waiting for the database if it is not up yet) and load the signing key.
+
+    Without a key file, the key is the shared Secret in the operator's namespace (created by the first replica).
+    """
+    if signing_key is None:
+        signing_key = await kube_api.signing_key(namespace=settings.namespace)
+        _check_signing_key(signing_key, source=f"Secret {settings.namespace}/{kube.SIGNING_SECRET}")
+    delay = 0.5
+    while True:
+        try:
+            cache = await store.Store.connect(
+                settings.database_url, timeout=settings.db_timeout, pool_size=settings.db_pool_size
+            )
+            try:
+                applied = await cache.migrate()
+            except BaseException:
+                await cache.close()
+                raise
+            break
+        except errors.StoreUnavailable as exc:
+            # The webhook is not served until this succeeds; its failurePolicy Ignore admits pods meanwhile.
+            log.warning("database_unavailable_at_start", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    log.info("database_ready", migrations_applied=applied)
+    return runtime.Runtime(
+        settings=settings,
+        store=cache,
+        kube=kube_api,
+        signing_key=signing_key,
+        namespaces=runtime.OptedInNamespaces(),
+        key_options=keys.KeyOptions(
+            scope=settings.scope, salt=settings.salt, key_service_account=settings.key_service_account
+        ),
+        replay_options=mutation.ReplayOptions(
+            cache_image=settings.cache_image, keep_node_constraints=settings.keep_node_constraints
+        ),
+    )
+
+
+def read_signing_key_file(settings: config.Settings) -> bytes | None:
+    """The signing key from STEPCACHE_SIGNING_KEY_FILE, checked before kopf starts; None when the setting is unset."""
+    if settings.signing_key_file is None:
+        return None
+    try:
+        key = settings.signing_key_file.read_bytes()
+    except OSError as exc:
+        raise errors.InvalidSetting("STEPCACHE_SIGNING_KEY_FILE", f"cannot be read: {exc.strerror}") from None
+    _check_signing_key(key, source=str(settings.signing_key_file))
+    return key
+
+
+def _check_signing_key(key: bytes, *, source: str) -> None:
+    if len(key) < 32:
+        raise errors.InvalidSetting(
+            "STEPCACHE_SIGNING_KEY_FILE", f"the signing key in {source} has {len(key)} bytes; at least 32 are needed"
+        )
+
+
+def build_registry(settings: config.Settings, *, signing_key: bytes | None = None) -> kopf.OperatorRegistry:
+    """All of stepcache's handlers on a fresh registry."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure_kopf(settings, _settings)
+        kube_api = await kube.connect()
+        rt = await build_runtime(_settings, kube_api=kube_api, signing_key=signing_key)
+        rec = recorder.Recorder(rt)
+        memo["runtime"] = rt
+        memo["recorder"] = rec
+        memo["tasks"] = [
+            asyncio.create_task(rec.run(), name="stepcache-record-retries"),
+            asyncio.create_task(_expire_forever(rt), name="stepcache-expiry"),
+        ]
+        metrics.start_server(_settings.metrics_port)
+        log.info("operator_started", webhook_port=_settings.webhook_port, scope=_settings.scope)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        for task in memo.get("tasks", []):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        rt: runtime.Runtime | None = memo.get("runtime")
+        if rt is not None:
+            await rt.store.close()
+            await rt.kube.close()
+
+    @kopf.on.mutate(
+        *_POD_SELECTOR,
+        id=WEBHOOK_ID,
+        operations=["CREATE"],
+        persistent=True,
+        side_effects=False,
+        ignore_failures=True,
+        registry=registry,
+    )
+    async def mutate_pod(
+        body: kopf.Body, patch: kopf.Patch, warnings: list[str], dryrun: bool, memo: kopf.Memo, **_: Any
+    ) -> None:
+        rt: runtime.Runtime = memo["runtime"]
+        verdict = await admission.decide(rt, body, dryrun=dryrun)
+        patch.update(verdict.patch)
+        warnings.extend(verdict.warnings)
+
+    @kopf.on.field(
+        *_POD_SELECTOR,
+        field="status.phase",
+        new="Succeeded",
+        labels={mutation.CACHE_ID: ""},
+        id="record-succeeded",
+        registry=registry,
+    )
+    async def record_succeeded(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        rec: recorder.Recorder = memo["recorder"]
+        await rec.handle(body)
+
+    @kopf.on.event(*_NAMESPACE_SELECTOR, id="opted-in-namespaces", registry=registry)
+    async def namespace_event(
+        type: str | None, name: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
+    ) -> None:
+        namespaces: runtime.OptedInNamespaces = memo["runtime"].namespaces
+        if type != "DELETED" and labels.get("stepcache.dev/enabled") == "true":
+            namespaces.add(name)
+        else:
+            namespaces.discard(name)
+
+    _settings = settings
+    return registry
+
+
+async def _expire_forever(rt: runtime.Runtime) -> None:
+    """Delete entries older than the cap in the background, never inside the webhook."""
+    cap = rt.settings.max_staleness
+    if cap is None:
+        return
+    while True:
+        try:
+            deleted = await rt.store.expire(older_than=cap)
+        except errors.StoreUnavailable as exc:
+            log.warning("expiry_failed", error=str(exc))
+        else:
+            if deleted:
+                metrics.EXPIRED.inc(deleted)
+                log.info("expired", deleted=deleted, older_than=str(cap))
+        await asyncio.sleep(rt.settings.expiry_interval)
+
+
+def run(settings: config.Settings) -> None:
+    """Run the operator until it is told to stop (SIGTERM/SIGINT)."""
+    import uvloop
+
+    registry = build_registry(settings, signing_key=read_signing_key_file(settings))
+    memo = kopf.Memo()
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            memo=memo,
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        ),
+        loop_factory=uvloop.new_event_loop,
+    )
+

@@ -1,0 +1,36 @@
+"""Prometheus metrics: what operators of a cluster-wide webhook need to see without reading logs."""
+
+from __future__ import annotations
+
+import prometheus_client
+
+__all__ = [
+    "ADMISSIONS",
+    "ADMISSION_FAILURES",
+    "RECORDED",
+    "RECORD_REJECTED",
+    "RECORD_RETRIES",
+    "EXPIRED",
+    "start_server",
+]
+
+ADMISSIONS = prometheus_client.Counter(
+    "stepcache_admissions", "Pod admissions by outcome.", ["outcome"]
+)
+ADMISSION_FAILURES = prometheus_client.Counter(
+    "stepcache_admission_failures", "Admissions that failed open, by reason.", ["reason"]
+)
+RECORDED = prometheus_client.Counter("stepcache_recorded", "Succeeded pods recorded as cache entries.")
+RECORD_REJECTED = prometheus_client.Counter(
+    "stepcache_record_rejected", "Succeeded pods not recorded, by reason.", ["reason"]
+)
+RECORD_RETRIES = prometheus_client.Counter(
+    "stepcache_record_retries", "Recordings put back on the retry queue, by reason.", ["reason"]
+)
+EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
+
+
+def start_server(port: int) -> None:
+    """Serve /metrics on the given port (0: disabled)."""
+    if port:
+        prometheus_client.start_http_server(port)

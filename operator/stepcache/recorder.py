@@ -1,0 +1,202 @@
+"""Recording a Succeeded pod's outputs under its key, then labelling the pod with the entry's id.
+
+kopf's own retries cannot fire here (its storages write nothing to pods, so nothing wakes a failed handler), so a
+pod that cannot be recorded yet — database down, Argo outputs not reported yet — waits on a bounded in-process
+queue with exponential backoff. A restart loses nothing: the re-LIST delivers every Succeeded pod whose cache-id
+label is still empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from stepcache import argo, errors, keys, logs, metrics, mutation, outputs, runtime, signing
+
+__all__ = ["Recorder"]
+
+log = logs.get(__name__)
+
+_ARGO_OUTPUT_ATTEMPTS = 10
+"""How many times to wait for Argo's WorkflowTaskResult before giving up on a pod (outputs never guessed)."""
+
+
+class _RetryLater(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Pending:
+    pod: dict[str, Any]
+    attempt: int
+    due: float
+
+
+class Recorder:
+    """Turns Succeeded, signed, unmodified pods into rows; idempotent for any number of deliveries of a pod."""
+
+    def __init__(
+        self,
+        rt: runtime.Runtime,
+        *,
+        max_pending: int = 10_000,
+        first_delay: float = 0.5,
+        max_delay: float = 30.0,
+    ) -> None:
+        self._rt = rt
+        self._max_pending = max_pending
+        self._first_delay = first_delay
+        self._max_delay = max_delay
+        self._pending: dict[str, _Pending] = {}
+        self._wakeup = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Pods waiting for a retry."""
+        return len(self._pending)
+
+    async def handle(self, pod: Mapping[str, Any]) -> None:
+        """Record one delivered pod, or queue it for a retry; never raises."""
+        uid = (pod.get("metadata") or {}).get("uid", "")
+        previous = self._pending.pop(uid, None)
+        await self._attempt(copy.deepcopy(dict(pod)), attempt=previous.attempt + 1 if previous else 0)
+
+    async def run(self) -> None:
+        """Retry queued pods when they are due; runs until cancelled."""
+        while True:
+            now = time.monotonic()
+            due = [uid for uid, p in self._pending.items() if p.due <= now]
+            for uid in due:
+                pending = self._pending.pop(uid, None)
+                if pending is not None:
+                    await self._attempt(pending.pod, attempt=pending.attempt + 1)
+            next_due = min((p.due for p in self._pending.values()), default=None)
+            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def _attempt(self, pod: dict[str, Any], *, attempt: int) -> None:
+        metadata = pod.get("metadata") or {}
+        ref = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        try:
+            entry_id = await self._record(pod, attempt=attempt)
+        except _RetryLater as exc:
+            self._schedule(pod, attempt=attempt, reason=exc.reason)
+            return
+        except Exception as exc:  # noqa: BLE001 — one bad pod must not stop the recorder; it is logged and counted
+            metrics.RECORD_REJECTED.labels(reason="internal-error").inc()
+            log.exception("record_failed", pod=ref, error=repr(exc))
+            return
+        if entry_id is not None:
+            log.info("recorded", pod=ref, entry_id=entry_id, attempt=attempt)
+
+    def _schedule(self, pod: dict[str, Any], *, attempt: int, reason: str) -> None:
+        metadata = pod.get("metadata") or {}
+        metrics.RECORD_RETRIES.labels(reason=reason).inc()
+        if len(self._pending) >= self._max_pending:
+            # Dropped here, not lost: the pod keeps its empty cache-id, so the next re-LIST delivers it again.
+            metrics.RECORD_REJECTED.labels(reason="retry-queue-full").inc()
+            log.warning("retry_queue_full", pod=f"{metadata.get('namespace')}/{metadata.get('name')}")
+            return
+        delay = min(self._max_delay, self._first_delay * 2**attempt)
+        self._pending[metadata.get("uid", "")] = _Pending(pod=pod, attempt=attempt, due=time.monotonic() + delay)
+        self._wakeup.set()
+        log.info(
+            "record_retry_scheduled",
+            pod=f"{metadata.get('namespace')}/{metadata.get('name')}",
+            reason=reason,
+            attempt=attempt,
+            delay=delay,
+        )
+
+    async def _record(self, pod: dict[str, Any], *, attempt: int) -> int | None:
+        rt = self._rt
+        metadata = pod.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        if labels.get(mutation.CACHE_ID) != "" or (pod.get("status") or {}).get("phase") != "Succeeded":
+            return None  # already recorded (or a hit, or not ours): nothing to do, nothing to report
+        namespace = metadata.get("namespace", "")
+        annotations = metadata.get("annotations") or {}
+        key_value = annotations.get(mutation.KEY, "")
+        key_containers = annotations.get(mutation.KEY_CONTAINERS, "")
+        key = _verified_key(rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers)
+        if isinstance(key, str):
+            metrics.RECORD_REJECTED.labels(reason=key).inc()
+            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=key)
+            return None
+        try:
+            task_result = await self._argo_task_result(pod, attempt=attempt)
+            entry = outputs.new_entry(pod, cache_key=key.value, key_material=key.material, task_result=task_result)
+            entry_id = await rt.store.record(entry)
+        except errors.StoreUnavailable as exc:
+            log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
+            raise _RetryLater("store-unavailable") from exc
+        except errors.Uncacheable as exc:
+            metrics.RECORD_REJECTED.labels(reason="uncacheable").inc()
+            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=exc.reason)
+            return None
+        metrics.RECORDED.inc()
+        try:
+            await rt.kube.label_cache_id(
+                namespace=namespace, name=metadata.get("name", ""), uid=metadata.get("uid", ""), entry_id=entry_id
+            )
+        except (ApiException, OSError) as exc:
+            # The row exists; the label is retried so the pod stops being delivered as unrecorded.
+            log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
+            raise _RetryLater("label-failed") from exc
+        return entry_id
+
+    async def _argo_task_result(self, pod: dict[str, Any], *, attempt: int) -> dict[str, Any] | None:
+        """Argo >= 3.6 reports outputs only in a WorkflowTaskResult; wait for it to be complete."""
+        if not argo.is_argo(pod):
+            return None
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        name = outputs.task_result_name(pod)
+        result = None
+        if name:
+            try:
+                result = await self._rt.kube.workflow_task_result(
+                    namespace=(pod.get("metadata") or {}).get("namespace", ""), name=name
+                )
+            except (ApiException, OSError) as exc:
+                raise _RetryLater("argo-task-result-unreadable") from exc
+        if result is not None and outputs.task_result_complete(result):
+            return result
+        if argo.OUTPUTS_ANNOTATION in annotations:
+            return None  # older Argo: outputs are on the pod itself
+        if attempt + 1 >= _ARGO_OUTPUT_ATTEMPTS:
+            raise errors.Uncacheable("Argo outputs were never reported complete")
+        raise _RetryLater("argo-outputs-pending")
+
+
+def _verified_key(
+    rt: runtime.Runtime, pod: Mapping[str, Any], *, namespace: str, key_value: str, key_containers: str
+) -> keys.Key | str:
+    """The pod's key if its signature and the key recomputed from the pod as it is now both hold, else why not."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    signature = annotations.get(mutation.KEY_SIGNATURE)
+    if not key_value or not key_containers or not signature:
+        return "unsigned"
+    if not signing.verify(
+        rt.signing_key, namespace=namespace, key=key_value, key_containers=key_containers, signature=signature
+    ):
+        return "bad-signature"
+    try:
+        recomputed = keys.compute(pod, namespace=namespace, options=rt.key_options, containers=key_containers.split(","))
+    except errors.Uncacheable:
+        return "key-containers-missing"
+    if recomputed.value != key_value:
+        return "key-mismatch"
+    return recomputed

@@ -1,0 +1,42 @@
+"""What the handlers share for the life of one operator process, built once at start and kept in kopf's memo."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from stepcache import config, keys, kube, mutation, store
+
+__all__ = ["OptedInNamespaces", "Runtime"]
+
+
+class OptedInNamespaces:
+    """The namespaces labelled `stepcache.dev/enabled=true`, kept current by a namespace watch.
+
+    The webhook's namespaceSelector already filters, but the handler checks too: a misconfigured (or hand-edited)
+    MutatingWebhookConfiguration must not turn caching on where nobody asked for it.
+    """
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+
+    def add(self, name: str) -> None:
+        self._names.add(name)
+
+    def discard(self, name: str) -> None:
+        self._names.discard(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
+@dataclasses.dataclass(kw_only=True)
+class Runtime:
+    """One per process; never module-global, so tests can run several side by side."""
+
+    settings: config.Settings
+    store: store.Store
+    kube: kube.Kube
+    signing_key: bytes
+    namespaces: OptedInNamespaces
+    key_options: keys.KeyOptions
+    replay_options: mutation.ReplayOptions
