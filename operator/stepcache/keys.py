@@ -27,6 +27,9 @@ from stepcache import argo, errors
 __all__ = [
     "ENABLED_LABEL",
     "IGNORE_ENV_ANNOTATION",
+    "KFP_CACHE_ENABLED",
+    "KFP_ENABLE_CACHING",
+    "KFP_V2_COMPONENT",
     "SCHEME",
     "VERSION_ANNOTATION",
     "Key",
@@ -159,7 +162,7 @@ def tag_only_images(pod: Mapping[str, Any], containers: Sequence[str]) -> list[s
 def tag_warning(image: str) -> str:
     """The admission warning for an image referenced by tag."""
     name, slash, last = image.rpartition("/")
-    repository = f"{name}{slash}{last.partition(':')[0]}"
+    repository = f"{name}{slash}{last.partition('@')[0].partition(':')[0]}"
     return (
         f'image "{image}" is referenced by tag; a cached result assumes the tag does not move — '
         f"pin a digest ({repository}@sha256:...) to be exact"
@@ -208,55 +211,57 @@ def compute(
     if options.key_service_account:
         material["serviceAccount"] = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
 
-    ignored = ignored_env(pod)
     tmpl = argo.template(pod)
+    declared = {v.get("name"): v for v in spec.get("volumes") or []}
     if tmpl is not None:
-        material.update(_argo_material(pod, tmpl, ignored=ignored))
+        # Argo copies the template's volumes into the pod; read them from the template, the source of truth.
+        declared.update({v.get("name"): v for v in tmpl.get("volumes") or []})
+    shaper = _Shaper(ignored_env=ignored_env(pod), declared=declared)
+    if tmpl is not None:
+        material.update(_argo_material(tmpl, shaper=shaper))
     else:
         init = [init_by_name[name] for name in names if name in init_by_name]
         main = [main_by_name[name] for name in names if name in main_by_name]
-        material["initContainers"] = [_container(c, ignored=ignored) for c in init]
-        material["containers"] = [_container(c, ignored=ignored) for c in main]
-        material["volumes"] = _volumes(spec.get("volumes") or [], mounted_by=[*init, *main])
+        material["initContainers"] = [shaper.container(c) for c in init]
+        material["containers"] = [shaper.container(c) for c in main]
+        material["volumes"] = shaper.volumes(mounted_by=[*init, *main])
     return Key(value=digest(material), containers=names, material=material)
 
 
-def _argo_material(pod: Mapping[str, Any], tmpl: Mapping[str, Any], *, ignored: frozenset[str]) -> dict[str, Any]:
+def _argo_material(tmpl: Mapping[str, Any], *, shaper: _Shaper) -> dict[str, Any]:
     """The Argo part of the material: allowlisted template fields, and what the volumes they mount hold.
 
     Kept from the template: `container`/`script` (shaped like a pod's container, plus the script's `source`),
     `initContainers`, `sidecars`, `inputs` and `outputs` as written (input parameter values are already substituted
     into them), and `podSpecPatch` when set, since it can change the main container. Left out: `name` and
-    `metadata` (they do not change what the step computes; template metadata may carry per-run values),
+    `metadata` (they do not change what the step computes, and template metadata may carry per-run values),
     `archiveLocation` (its key names the workflow and the pod, so it differs on every run), and scheduling,
     retries and deadlines. Input artifacts stay as written, locations included: two runs share a key only when they
-    read the same stored artifact, as a different location may hold different bytes.
+    read the same stored artifact, as another location may hold other bytes.
 
     `volumes` covers what the template's containers mount, from the template's own volumes or, for workflow-level
-    volumes the template does not declare, from the pod (so a different ConfigMap or claim gives a different key; a
-    claim from `volumeClaimTemplates` is named per run, so steps mounting one never share a key across runs — their
-    effects on the volume would not be replayed).
+    volumes the template does not declare, from the pod: so another ConfigMap or claim gives another key. A claim
+    from `volumeClaimTemplates` is named per run, so steps that mount one do not share a key across runs — what they
+    write to it would not be replayed.
     """
     has_container = isinstance(tmpl.get("container"), Mapping)
     has_script = isinstance(tmpl.get("script"), Mapping)
     if not has_container and not has_script:
+        # Resource, data and containerSet steps: the first acts on the cluster, none is replayed by `main` alone.
         raise errors.Uncacheable("the Argo template has neither a container nor a script")
     shaped: dict[str, Any] = {}
     if has_container:
-        shaped["container"] = _container(tmpl["container"], ignored=ignored)
+        shaped["container"] = shaper.container(tmpl["container"])
     if has_script:
         script = tmpl["script"]
-        shaped["script"] = {**_container(script, ignored=ignored), "source": str(script.get("source") or "")}
-    shaped["initContainers"] = [_container(c, ignored=ignored) for c in tmpl.get("initContainers") or []]
-    shaped["sidecars"] = [_container(c, ignored=ignored) for c in tmpl.get("sidecars") or []]
+        shaped["script"] = {**shaper.container(script), "source": str(script.get("source") or "")}
+    shaped["initContainers"] = [shaper.container(c) for c in tmpl.get("initContainers") or []]
+    shaped["sidecars"] = [shaper.container(c) for c in tmpl.get("sidecars") or []]
     shaped["inputs"] = _as_written(tmpl.get("inputs") or {})
     shaped["outputs"] = _as_written(tmpl.get("outputs") or {})
     if tmpl.get("podSpecPatch"):
         shaped["podSpecPatch"] = _as_written(tmpl["podSpecPatch"])
-
-    declared = {v.get("name"): v for v in (pod.get("spec") or {}).get("volumes") or []}
-    declared.update({v.get("name"): v for v in tmpl.get("volumes") or []})
-    return {"argo": shaped, "volumes": _volumes(declared.values(), mounted_by=_argo_containers(tmpl))}
+    return {"argo": shaped, "volumes": shaper.volumes(mounted_by=_argo_containers(tmpl))}
 
 
 def _argo_containers(tmpl: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -269,31 +274,58 @@ def _as_written(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _container(container: Mapping[str, Any], *, ignored: frozenset[str]) -> dict[str, Any]:
-    return {
-        "name": str(container.get("name") or ""),
-        "image": str(container.get("image") or ""),
-        "command": _as_written(list(container.get("command") or [])),
-        "args": _as_written(list(container.get("args") or [])),
-        # Order is kept: `$(VAR)` in a later value expands from an earlier one, so order can change the result.
-        "env": [_env(var) for var in container.get("env") or [] if var.get("name") not in ignored],
-        "envFrom": _as_written(list(container.get("envFrom") or [])),
-        "workingDir": str(container.get("workingDir") or ""),
-        "volumeMounts": [
-            _mount(mount) for mount in container.get("volumeMounts") or [] if not _is_token_name(mount.get("name"))
-        ],
-    }
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Shaper:
+    """Shapes containers and volumes of one pod: what it needs to know is the pod's ignore-env and its volumes."""
 
+    ignored_env: frozenset[str]
+    declared: Mapping[Any, Mapping[str, Any]]
+    """Volume name → declaration."""
 
-def _is_token_name(name: object) -> bool:
-    """The service-account token volume: injected per pod under a generated name, so never part of a key."""
-    return isinstance(name, str) and name.startswith(_TOKEN_VOLUME_PREFIX)
+    def container(self, container: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "name": str(container.get("name") or ""),
+            "image": str(container.get("image") or ""),
+            "command": _as_written(list(container.get("command") or [])),
+            "args": _as_written(list(container.get("args") or [])),
+            # Order is kept: `$(VAR)` in a later value expands from an earlier one, so order can change the result.
+            "env": [_env(var) for var in container.get("env") or [] if var.get("name") not in self.ignored_env],
+            "envFrom": _as_written(list(container.get("envFrom") or [])),
+            "workingDir": str(container.get("workingDir") or ""),
+            "volumeMounts": [
+                _mount(mount) for mount in container.get("volumeMounts") or [] if not self.is_token(mount.get("name"))
+            ],
+        }
+
+    def is_token(self, name: Any) -> bool:
+        """A service-account token volume: a per-pod credential (under a generated name), never part of a key."""
+        if isinstance(name, str) and name.startswith(_TOKEN_VOLUME_PREFIX):
+            return True
+        sources = ((self.declared.get(name) or {}).get("projected") or {}).get("sources") or []
+        return any(isinstance(source, Mapping) and "serviceAccountToken" in source for source in sources)
+
+    def volumes(self, *, mounted_by: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Volume name → source identity, for the volumes the given containers mount, token volumes left out."""
+        mounted = {mount.get("name") for c in mounted_by for mount in c.get("volumeMounts") or []}
+        return {
+            str(name): _volume_identity(volume)
+            for name, volume in self.declared.items()
+            if name in mounted and not self.is_token(name)
+        }
 
 
 def _env(var: Mapping[str, Any]) -> dict[str, Any]:
     if var.get("valueFrom") is not None:
-        return {"name": str(var.get("name") or ""), "valueFrom": _as_written(var["valueFrom"])}
+        return {"name": str(var.get("name") or ""), "valueFrom": _with_field_ref_default(var["valueFrom"])}
     return {"name": str(var.get("name") or ""), "value": str(var.get("value") or "")}
+
+
+def _with_field_ref_default(source: Any) -> Any:
+    """As written, but with the `fieldRef.apiVersion: v1` the API server fills in, so a manifest keys as admitted."""
+    shaped = _as_written(source)
+    if isinstance(shaped, dict) and isinstance(shaped.get("fieldRef"), dict):
+        shaped["fieldRef"].setdefault("apiVersion", "v1")
+    return shaped
 
 
 def _mount(mount: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,30 +335,11 @@ def _mount(mount: Mapping[str, Any]) -> dict[str, Any]:
         "subPath": str(mount.get("subPath") or ""),
         "readOnly": bool(mount.get("readOnly") or False),
     }
-    # Not in DESIGN's list, but it selects what the container sees; present only when used, so other keys are as
-    # DESIGN writes them.
+    # Not in DESIGN's list, but it selects what the container sees; present only when used, so every other key
+    # is exactly as DESIGN writes it.
     if mount.get("subPathExpr"):
         shaped["subPathExpr"] = str(mount["subPathExpr"])
     return shaped
-
-
-def _is_token_volume(volume: Mapping[str, Any]) -> bool:
-    if _is_token_name(volume.get("name")):
-        return True
-    sources = ((volume.get("projected") or {}).get("sources")) or []
-    return any(isinstance(source, Mapping) and "serviceAccountToken" in source for source in sources)
-
-
-def _volumes(
-    volumes: Iterable[Mapping[str, Any]], *, mounted_by: Iterable[Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """Volume name → source identity, for the volumes the given containers mount, token volumes left out."""
-    mounted = {mount.get("name") for c in mounted_by for mount in c.get("volumeMounts") or []}
-    return {
-        str(volume["name"]): _volume_identity(volume)
-        for volume in volumes
-        if volume.get("name") in mounted and not _is_token_volume(volume)
-    }
 
 
 def _volume_identity(volume: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,6 +354,8 @@ def _volume_identity(volume: Mapping[str, Any]) -> dict[str, Any]:
         return {"hostPath": {"path": _field(volume["hostPath"], "path")}}
     if "emptyDir" in volume:
         return {"emptyDir": {"medium": _field(volume["emptyDir"], "medium")}}
+    if "downwardAPI" in volume:
+        return {"downwardAPI": _downward_items(volume["downwardAPI"])}
     if "projected" in volume:
         sources = (volume["projected"] or {}).get("sources") or []
         return {"projected": {"sources": [_projection(source) for source in sources]}}
@@ -352,7 +367,13 @@ def _projection(source: Mapping[str, Any]) -> dict[str, Any]:
         return {"configMap": _named_items(source["configMap"], name="name")}
     if "secret" in source:
         return {"secret": _named_items(source["secret"], name="name")}
+    if "downwardAPI" in source:
+        return {"downwardAPI": _downward_items(source["downwardAPI"])}
     return {field: _as_written(value) for field, value in source.items()}
+
+
+def _downward_items(source: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {"items": [_with_field_ref_default(item) for item in (source or {}).get("items") or []]}
 
 
 def _field(source: Mapping[str, Any] | None, name: str) -> str:

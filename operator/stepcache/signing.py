@@ -16,7 +16,6 @@ _HEX_LENGTH = hashlib.sha256().digest_size * 2
 
 
 def _message(*, namespace: str, key: str, key_containers: str) -> bytes:
-    # Newlines cannot occur in a namespace, a hex key or container names, so the joined fields are unambiguous.
     return f"{namespace}\n{key}\n{key_containers}".encode()
 
 
@@ -29,6 +28,10 @@ def signature(signing_key: bytes, *, namespace: str, key: str, key_containers: s
 def verify(signing_key: bytes, *, namespace: str, key: str, key_containers: str, signature: str) -> bool:
     """True when `signature` is the one `signature()` gives; False for anything else, malformed input included."""
     if not isinstance(signature, str) or len(signature) != _HEX_LENGTH:
+        return False
+    # A namespace, a hex key and container names never hold a newline; refusing fields that do keeps the joined
+    # message unambiguous ("a\nb" + "c" must not verify as "a" + "b\nc").
+    if any("\n" in field for field in (namespace, key, key_containers)):
         return False
     try:
         given = bytes.fromhex(signature)
