@@ -1,0 +1,365 @@
+"""What admission does to a pod: the skip, miss and hit changes, as JSON merge patches (RFC 7386).
+
+kopf's mutating handlers can only express changes through the `patch` kwarg, a merge patch that kopf applies to the
+pod and then diffs into the JSON patch the API server receives. So these builders return plain merge-patch dicts that
+touch only the paths that change, and `apply_merge_patch` shows the pod they produce.
+
+Two places where kopf's merge (`kopf/_cogs/structs/patches.py`) and RFC 7386 part ways are kept out of every patch
+built here, so both always yield the same pod: kopf drops a map emptied by deletions (RFC 7386 keeps `{}`), so a map
+whose every key goes is deleted whole; and kopf ignores an empty object in a patch (RFC 7386 creates `{}`), so no
+patch carries one.
+
+A hit replays the cached result with a tiny container per original container. Values (termination messages, output
+parameters, ids) reach the replay script through environment variables, never through the script text, so no value
+can inject shell code; each `$` in them is doubled because the kubelet expands `$(VAR)` and `$$` in env values.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from stepcache import argo, errors, model
+
+__all__ = [
+    "CACHE_ID",
+    "HIT",
+    "KEY",
+    "KEY_CONTAINERS",
+    "KEY_SIGNATURE",
+    "KFP_REUSED",
+    "OWNED_ANNOTATIONS",
+    "OWNED_LABELS",
+    "REPLAY_SCRIPT",
+    "ReplayOptions",
+    "Signed",
+    "apply_merge_patch",
+    "hit_patch",
+    "miss_patch",
+    "skip_patch",
+]
+
+KEY = "stepcache.dev/key"
+KEY_CONTAINERS = "stepcache.dev/key-containers"
+KEY_SIGNATURE = "stepcache.dev/key-signature"
+CACHE_ID = "stepcache.dev/cache-id"
+HIT = "stepcache.dev/hit"
+KFP_REUSED = "pipelines.kubeflow.org/reused_from_cache"
+OWNED_ANNOTATIONS = (KEY, KEY_CONTAINERS, KEY_SIGNATURE)
+OWNED_LABELS = (CACHE_ID, HIT)
+
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+# Environment of the replay scripts. Plain pods: one message per container; Argo `main`: parameters by position.
+MESSAGE_ENV = "STEPCACHE_MESSAGE"
+MESSAGE_PATH_ENV = "STEPCACHE_MESSAGE_PATH"
+ENTRY_ID_ENV = "STEPCACHE_ENTRY_ID"
+SOURCE_POD_ENV = "STEPCACHE_SOURCE_POD"
+RESULT_ENV = "STEPCACHE_RESULT"
+PARAM_PATH_ENV = "STEPCACHE_PARAM_PATH_{}"
+PARAM_VALUE_ENV = "STEPCACHE_PARAM_VALUE_{}"
+
+# The scripts contain neither `$(` nor `$$`, so the kubelet's expansion of `command` leaves them as written.
+REPLAY_SCRIPT = (
+    "set -e\n"
+    f'printf \'%s\' "${MESSAGE_ENV}" > "${MESSAGE_PATH_ENV}"\n'
+    f'printf \'stepcache: replayed cache entry %s recorded by pod %s\\n\' "${ENTRY_ID_ENV}" "${SOURCE_POD_ENV}"\n'
+)
+"""A plain pod's replay: the cached termination message, byte for byte, then one line naming entry and source."""
+
+# Argo `main`: stdout is the step's `result` (argoexec trims one trailing newline), so the naming line goes to stderr.
+_ARGO_SCRIPT_HEAD = (
+    "set -e\n"
+    # Write $2 plus a newline at path $1, creating its directory (argoexec trims one trailing newline).
+    'w() { case $1 in ?*/*) mkdir -p "${1%/*}" ;; esac; printf \'%s\\n\' "$2" > "$1"; }\n'
+)
+_ARGO_SCRIPT_RESULT = f"printf '%s\\n' \"${RESULT_ENV}\"\n"
+_ARGO_SCRIPT_TAIL = (
+    f'printf \'stepcache: replayed cache entry %s recorded by pod %s\\n\' "${ENTRY_ID_ENV}" "${SOURCE_POD_ENV}" >&2\n'
+    "exit 0\n"
+)
+
+_REPLAY_RESOURCES = {"cpu": "10m", "memory": "16Mi"}
+
+# The `restricted` Pod Security checks that read pod-level securityContext fields, with the values they accept.
+# The sets are those of the oldest policy version, so a namespace pinned to an old enforce-version accepts them too.
+_SAFE_PROFILE_TYPES = frozenset({"RuntimeDefault", "Localhost"})
+_SAFE_SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t"})
+_SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_unprivileged_port_start",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReplayOptions:
+    """How hits are replayed (settings `STEPCACHE_CACHE_IMAGE`, `STEPCACHE_KEEP_NODE_CONSTRAINTS`)."""
+
+    cache_image: str
+    keep_node_constraints: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Signed:
+    """The key annotations every admitted (non-skipped) pod carries."""
+
+    key: str
+    key_containers: tuple[str, ...]
+    """Written comma-joined."""
+    signature: str
+
+
+def skip_patch(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove user-written stepcache-owned labels and annotations, and nothing else; `{}` when there are none."""
+    return _metadata_patch(
+        pod,
+        labels=dict.fromkeys(OWNED_LABELS),
+        annotations=dict.fromkeys(OWNED_ANNOTATIONS),
+    )
+
+
+def miss_patch(pod: Mapping[str, Any], *, signed: Signed) -> dict[str, Any]:
+    """Sign the pod and mark it for recording: key annotations and an empty `cache-id` label; no `hit` label."""
+    return _metadata_patch(pod, labels={CACHE_ID: "", HIT: None}, annotations=_key_annotations(signed))
+
+
+def hit_patch(
+    pod: Mapping[str, Any],
+    *,
+    signed: Signed,
+    entry: model.CachedEntry,
+    options: ReplayOptions,
+    kfp: bool,
+) -> dict[str, Any]:
+    """Serve the pod from `entry`: replay containers in place of the real ones (DESIGN.md "On a hit").
+
+    Raises `errors.Uncacheable` when the pod cannot be replayed from this entry; the caller then admits it as a miss.
+    """
+    tmpl = argo.template(pod)
+    if tmpl is not None:
+        spec = _argo_spec_patch(pod, tmpl, entry=entry, cache_image=options.cache_image)
+    else:
+        spec = _plain_spec_patch(pod, entry=entry, options=options)
+    labels: dict[str, str | None] = {CACHE_ID: str(entry.id), HIT: "true"}
+    if kfp:
+        labels[KFP_REUSED] = "true"
+    patch = _metadata_patch(pod, labels=labels, annotations=_key_annotations(signed))
+    patch["spec"] = spec
+    return patch
+
+
+def apply_merge_patch(obj: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """The object `patch` (RFC 7386) turns `obj` into; neither input is changed, nothing is shared with them."""
+    return _merge_object(copy.deepcopy(dict(obj)), patch)
+
+
+def _merge_object(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    for name, value in patch.items():
+        if value is None:
+            target.pop(name, None)
+        elif isinstance(value, Mapping):
+            current = target.get(name)
+            target[name] = _merge_object(current if isinstance(current, dict) else {}, value)
+        else:
+            target[name] = copy.deepcopy(value)
+    return target
+
+
+def _key_annotations(signed: Signed) -> dict[str, str | None]:
+    return {KEY: signed.key, KEY_CONTAINERS: ",".join(signed.key_containers), KEY_SIGNATURE: signed.signature}
+
+
+def _metadata_patch(
+    pod: Mapping[str, Any],
+    *,
+    labels: Mapping[str, str | None],
+    annotations: Mapping[str, str | None],
+) -> dict[str, Any]:
+    metadata = pod.get("metadata") or {}
+    changes: dict[str, Any] = {}
+    for field, wanted in (("labels", labels), ("annotations", annotations)):
+        change = _map_patch(metadata.get(field), wanted)
+        if change is not _UNCHANGED:
+            changes[field] = change
+    return {"metadata": changes} if changes else {}
+
+
+class _Unchanged:
+    """Marks "leave this field out of the patch", as opposed to None, "delete it"."""
+
+
+_UNCHANGED = _Unchanged()
+
+
+def _map_patch(current: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> Any:
+    """The merge patch turning map `current` into `current` updated by `wanted` (None values delete).
+
+    Deleting absent keys is left out; deleting every key deletes the map (so kopf and RFC 7386 agree).
+    """
+    current = current or {}
+    changes = {name: value for name, value in wanted.items() if value is not None or name in current}
+    if not changes:
+        return _UNCHANGED
+    if all(value is None for value in changes.values()) and set(changes) >= set(current):
+        return None
+    return changes
+
+
+def _env(name: str, value: str) -> dict[str, str]:
+    # The kubelet expands `$(VAR)` and turns `$$` into `$` in env values; doubling every `$` makes both inert.
+    return {"name": name, "value": value.replace("$", "$$")}
+
+
+def _replay_env(entry: model.CachedEntry) -> list[dict[str, str]]:
+    return [_env(ENTRY_ID_ENV, str(entry.id)), _env(SOURCE_POD_ENV, entry.source_pod)]
+
+
+def _plain_spec_patch(pod: Mapping[str, Any], *, entry: model.CachedEntry, options: ReplayOptions) -> dict[str, Any]:
+    spec = pod.get("spec") or {}
+    patch: dict[str, Any] = {
+        "containers": [
+            _replay_container(container, entry=entry, cache_image=options.cache_image)
+            for container in spec.get("containers") or []
+        ]
+    }
+    deleted = ["initContainers"] if options.keep_node_constraints else ["initContainers", "affinity", "nodeSelector"]
+    patch.update({field: None for field in deleted if field in spec})
+    volumes = spec.get("volumes") or []
+    kept = [volume for volume in volumes if not _attaches_storage(volume)]
+    if len(kept) != len(volumes):
+        patch["volumes"] = kept or None
+    security = _pod_security_patch(spec.get("securityContext"))
+    if security is not _UNCHANGED:
+        patch["securityContext"] = security
+    return patch
+
+
+def _attaches_storage(volume: Mapping[str, Any]) -> bool:
+    # A generic ephemeral volume is a PersistentVolumeClaim too: the pod would wait for it just the same.
+    return "persistentVolumeClaim" in volume or "ephemeral" in volume
+
+
+def _replay_container(container: Mapping[str, Any], *, entry: model.CachedEntry, cache_image: str) -> dict[str, Any]:
+    name = container["name"]
+    replay: dict[str, Any] = {
+        "name": name,
+        "image": cache_image,
+        "command": ["sh", "-c", REPLAY_SCRIPT],
+        "env": [
+            _env(MESSAGE_ENV, entry.termination_messages.get(name, "")),
+            _env(MESSAGE_PATH_ENV, container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH),
+            *_replay_env(entry),
+        ],
+        "resources": {"requests": dict(_REPLAY_RESOURCES), "limits": dict(_REPLAY_RESOURCES)},
+        "securityContext": _restricted_security_context(),
+    }
+    for field in ("terminationMessagePath", "terminationMessagePolicy"):
+        if field in container:
+            replay[field] = container[field]
+    return replay
+
+
+def _restricted_security_context() -> dict[str, Any]:
+    # An explicit non-root user: the replay image's default user may be root (busybox), which runAsNonRoot refuses.
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "readOnlyRootFilesystem": True,
+    }
+
+
+def _pod_security_patch(security: Mapping[str, Any] | None) -> Any:
+    """Drop the pod-level fields that alone fail `restricted`, whatever the containers set.
+
+    The replay containers set user, group and seccomp themselves and mount nothing, so they need none of these, and
+    everything else at pod level (fsGroup, supplementalGroups, safe sysctls, ...) is left as the user wrote it.
+    `restricted` rejects, at pod level: runAsNonRoot false, runAsUser 0, a seccomp or AppArmor profile other than
+    RuntimeDefault/Localhost, SELinux options with a user, a role or an unlisted type, and unsafe sysctls.
+    """
+    if not security:
+        return _UNCHANGED
+    changes: dict[str, Any] = {}
+    if security.get("runAsNonRoot") is False:
+        changes["runAsNonRoot"] = None
+    if security.get("runAsUser") == 0:
+        changes["runAsUser"] = None
+    for field in ("seccompProfile", "appArmorProfile"):
+        if field in security and (security[field] or {}).get("type") not in _SAFE_PROFILE_TYPES:
+            changes[field] = None
+    selinux = security.get("seLinuxOptions")
+    if "seLinuxOptions" in security and not _safe_selinux(selinux or {}):
+        changes["seLinuxOptions"] = None
+    sysctls = security.get("sysctls") or []
+    safe = [sysctl for sysctl in sysctls if sysctl.get("name") in _SAFE_SYSCTLS]
+    if len(safe) != len(sysctls):
+        changes["sysctls"] = safe or None
+    return _map_patch(security, changes)
+
+
+def _safe_selinux(options: Mapping[str, Any]) -> bool:
+    return options.get("type", "") in _SAFE_SELINUX_TYPES and not options.get("user") and not options.get("role")
+
+
+def _argo_spec_patch(
+    pod: Mapping[str, Any],
+    tmpl: Mapping[str, Any],
+    *,
+    entry: model.CachedEntry,
+    cache_image: str,
+) -> dict[str, Any]:
+    """Only `main` changes: `init` and `wait` (argoexec) must run, since `wait` reports the outputs to Argo."""
+    if argo.declares_artifacts(tmpl):
+        raise errors.Uncacheable("the Argo template declares output artifacts, whose bytes are not stored")
+    containers: list[Mapping[str, Any]] = list((pod.get("spec") or {}).get("containers") or [])
+    index = next((i for i, c in enumerate(containers) if c.get("name") == argo.MAIN_CONTAINER), None)
+    if index is None:
+        raise errors.Uncacheable("the Argo pod has no main container")
+    main = containers[index]
+    command = list(main.get("command") or [])
+    if "--" not in command:
+        raise errors.Uncacheable("the Argo main container's command has no `--` (not an emissary pod)")
+    prefix = command[: command.index("--") + 1]
+
+    outputs = entry.argo_outputs or {}
+    parameters: Mapping[str, Any] = outputs.get("parameters") or {}
+    result = outputs.get("result")
+    if result is None and _wants_result(main):
+        raise errors.Uncacheable("the Argo node asks for `result`, but the cache entry has none")
+    paths = argo.output_parameter_paths(tmpl)
+    missing = sorted(name for name in paths if not isinstance(parameters.get(name), str))
+    if missing:
+        raise errors.Uncacheable(f"the cache entry lacks output parameters {', '.join(missing)}")
+
+    env = [*(main.get("env") or [])]
+    script = [_ARGO_SCRIPT_HEAD]
+    for position, (name, path) in enumerate(paths.items()):
+        env += [_env(PARAM_PATH_ENV.format(position), path), _env(PARAM_VALUE_ENV.format(position), parameters[name])]
+        script.append(f'w "${PARAM_PATH_ENV.format(position)}" "${PARAM_VALUE_ENV.format(position)}"\n')
+    if isinstance(result, str):
+        env.append(_env(RESULT_ENV, result))
+        script.append(_ARGO_SCRIPT_RESULT)
+    env += _replay_env(entry)
+    script.append(_ARGO_SCRIPT_TAIL)
+
+    replay = {field: value for field, value in main.items() if field != "args"}
+    replay.update(image=cache_image, command=[*prefix, "sh", "-c", "".join(script)], env=env)
+    containers[index] = replay
+    return {"containers": containers}
+
+
+def _wants_result(main: Mapping[str, Any]) -> bool:
+    """Argo sets ARGO_INCLUDE_SCRIPT_OUTPUT=true when something downstream reads this node's `result`."""
+    return any(
+        var.get("name") == "ARGO_INCLUDE_SCRIPT_OUTPUT" and var.get("value") == "true" for var in main.get("env") or []
+    )

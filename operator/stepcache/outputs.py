@@ -1,0 +1,156 @@
+"""What a Succeeded pod produced, read into the entry that a later hit replays.
+
+A hit can only give back what was recorded: the containers' termination messages, and for Argo steps the output
+parameters and `result` that Argo hands to downstream steps. Argo >= 3.4 reports those in a WorkflowTaskResult named
+after the pod's node id (the only place Argo >= 3.6 puts them); older Argo wrote them to a pod annotation. Provenance
+(source pod, times, duration) says where a result came from and how much compute a hit saves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from stepcache import argo, errors, model
+
+__all__ = [
+    "REPORT_OUTPUTS_COMPLETED",
+    "argo_outputs",
+    "new_entry",
+    "task_result_complete",
+    "task_result_name",
+    "termination_messages",
+]
+
+REPORT_OUTPUTS_COMPLETED = "workflows.argoproj.io/report-outputs-completed"
+"""Label Argo sets to "true" on a WorkflowTaskResult once `wait` has reported everything."""
+
+
+def termination_messages(pod: Mapping[str, Any]) -> dict[str, str]:
+    """Container name → the message of its terminated state; empty messages are left out."""
+    messages: dict[str, str] = {}
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        message = _terminated(status).get("message")
+        if isinstance(message, str) and message:
+            messages[status["name"]] = message
+    return messages
+
+
+def argo_outputs(pod: Mapping[str, Any], *, task_result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An Argo step's outputs as `{"parameters": {name: value}, "result": str | None}`; None for a non-Argo pod.
+
+    Read from `task_result` (a WorkflowTaskResult) when given, else from the `workflows.argoproj.io/outputs`
+    annotation that Argo < 3.4 writes; a pod with neither produced no outputs.
+    """
+    if not argo.is_argo(pod):
+        return None
+    if task_result is not None:
+        outputs = task_result.get("outputs") or {}
+    else:
+        raw = _annotations(pod).get(argo.OUTPUTS_ANNOTATION)
+        outputs = _decode_outputs(raw) if raw is not None else {}
+    parameters: dict[str, str] = {}
+    for param in outputs.get("parameters") or []:
+        name, value = param.get("name"), param.get("value")
+        if isinstance(name, str) and isinstance(value, str):
+            parameters[name] = value
+    result = outputs.get("result")
+    return {"parameters": parameters, "result": result if isinstance(result, str) else None}
+
+
+def task_result_name(pod: Mapping[str, Any]) -> str | None:
+    """The name of the pod's WorkflowTaskResult (its Argo node id), or None for a pod outside Argo."""
+    name = _annotations(pod).get(argo.NODE_ID_ANNOTATION)
+    return name if isinstance(name, str) and name else None
+
+
+def task_result_complete(task_result: Mapping[str, Any]) -> bool:
+    """True once Argo's `wait` container has finished reporting into this WorkflowTaskResult."""
+    labels = (task_result.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(REPORT_OUTPUTS_COMPLETED) == "true")
+
+
+def new_entry(
+    pod: Mapping[str, Any],
+    *,
+    cache_key: str,
+    key_material: dict[str, Any],
+    task_result: Mapping[str, Any] | None,
+) -> model.NewEntry:
+    """The entry to store for a Succeeded pod.
+
+    The entry's namespace is the key's scope (the material's `scope`: the pod's namespace, or `*` when keys are
+    cluster-wide), so entries are shared exactly as far as keys are. Raises `errors.Uncacheable` when the pod carries
+    no finish time: a guessed "now" would make a late-recorded result look fresher than it is.
+    """
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    source_namespace = str(metadata.get("namespace") or "")
+    scope = key_material.get("scope")
+
+    finishes = [_time(t, field="finishedAt") for t in _state_times(status, "finishedAt", init=False)]
+    if not finishes:
+        raise errors.Uncacheable("the pod has no container with a finish time")
+    finished_at = max(finishes)
+    if status.get("startTime") is not None:
+        started_at: datetime.datetime | None = _time(status["startTime"], field="status.startTime")
+    else:
+        starts = [_time(t, field="startedAt") for t in _state_times(status, "startedAt", init=True)]
+        started_at = min(starts, default=None)
+    duration = None if started_at is None else max(0.0, (finished_at - started_at).total_seconds())
+
+    return model.NewEntry(
+        namespace=scope if isinstance(scope, str) and scope else source_namespace,
+        cache_key=cache_key,
+        termination_messages=termination_messages(pod),
+        argo_outputs=argo_outputs(pod, task_result=task_result),
+        key_material=key_material,
+        source_namespace=source_namespace,
+        source_pod=str(metadata.get("name") or ""),
+        source_uid=str(metadata.get("uid") or ""),
+        started_at=started_at,
+        finished_at=finished_at,
+        duration_seconds=duration,
+    )
+
+
+def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (pod.get("metadata") or {}).get("annotations") or {}
+
+
+def _terminated(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (status.get("state") or {}).get("terminated") or {}
+
+
+def _decode_outputs(raw: Any) -> Mapping[str, Any]:
+    try:
+        outputs = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise errors.Uncacheable(f"annotation {argo.OUTPUTS_ANNOTATION} is not valid JSON") from exc
+    if not isinstance(outputs, dict):
+        raise errors.Uncacheable(f"annotation {argo.OUTPUTS_ANNOTATION} is not a JSON object")
+    return outputs
+
+
+def _state_times(status: Mapping[str, Any], field: str, *, init: bool) -> Iterator[Any]:
+    """The `field` times of the containers' current states (init containers' too when `init`)."""
+    statuses = list(status.get("containerStatuses") or [])
+    if init:
+        statuses += status.get("initContainerStatuses") or []
+    for container in statuses:
+        for state in (container.get("state") or {}).values():
+            if isinstance(state, Mapping) and state.get(field) is not None:
+                yield state[field]
+
+
+def _time(value: Any, *, field: str) -> datetime.datetime:
+    """An RFC 3339 time as the API server writes it (`2024-05-01T12:00:00Z`), always timezone-aware."""
+    if not isinstance(value, str):
+        raise errors.Uncacheable(f"{field} is not a time: {value!r}")
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise errors.Uncacheable(f"{field} is not an RFC 3339 time: {value!r}") from exc
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
