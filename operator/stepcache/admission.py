@@ -34,7 +34,7 @@ async def decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -
     """Decide one admission; never raises (a bug admits the pod unchanged, with a warning)."""
     try:
         verdict = await _decide(rt, pod, dryrun=dryrun)
-    except Exception as exc:  # noqa: BLE001 — failing open is the contract; the pod must never be denied
+    except Exception as exc:
         metrics.ADMISSION_FAILURES.labels(reason="internal-error").inc()
         log.exception("admission_failed_open", pod=_pod_ref(pod), error=repr(exc))
         verdict = Verdict(
@@ -63,7 +63,11 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
     except errors.Uncacheable as exc:
         metrics.ADMISSION_FAILURES.labels(reason="uncacheable").inc()
         log.info("uncacheable", pod=_pod_ref(pod), reason=exc.reason)
-        return Verdict(outcome="uncacheable", patch=mutation.skip_patch(pod), warnings=(f"{_PREFIX}{exc.reason}; the pod runs uncached",))
+        return Verdict(
+            outcome="uncacheable",
+            patch=mutation.skip_patch(pod),
+            warnings=(f"{_PREFIX}{exc.reason}; the pod runs uncached",),
+        )
 
     warnings: list[str] = []
     tagged = keys.tag_only_images(pod, key.containers)
@@ -101,11 +105,16 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
 
     try:
         async with asyncio.timeout(rt.settings.db_timeout):
-            entry = await rt.store.lookup(namespace=namespace, cache_key=key.value, max_age=decision.max_age)
+            # Rows live under the key's scope: the namespace, or "*" when STEPCACHE_SCOPE=cluster.
+            entry = await rt.store.lookup(
+                namespace=key.material["scope"], cache_key=key.value, max_age=decision.max_age
+            )
     except (errors.StoreUnavailable, TimeoutError) as exc:
         metrics.ADMISSION_FAILURES.labels(reason="store-unavailable").inc()
         log.warning("lookup_failed_open", pod=_pod_ref(pod), key=key.value, error=str(exc) or type(exc).__name__)
-        warnings.append(f"{_PREFIX}cache unavailable ({type(exc).__name__}); the pod runs uncached and is recorded later")
+        warnings.append(
+            f"{_PREFIX}cache unavailable ({type(exc).__name__}); the pod runs uncached and is recorded later"
+        )
         return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
     if entry is None:
         return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))

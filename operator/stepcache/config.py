@@ -87,7 +87,9 @@ class Settings:
             namespace=env.nonempty("STEPCACHE_NAMESPACE", defaults.namespace),
             webhook_host=env.nonempty("STEPCACHE_WEBHOOK_HOST", defaults.webhook_host),
             webhook_port=env.integer("STEPCACHE_WEBHOOK_PORT", defaults.webhook_port, minimum=0, maximum=65535),
-            webhook_cert_file=pathlib.Path(env.nonempty("STEPCACHE_WEBHOOK_CERT_FILE", str(defaults.webhook_cert_file))),
+            webhook_cert_file=pathlib.Path(
+                env.nonempty("STEPCACHE_WEBHOOK_CERT_FILE", str(defaults.webhook_cert_file))
+            ),
             webhook_key_file=pathlib.Path(env.nonempty("STEPCACHE_WEBHOOK_KEY_FILE", str(defaults.webhook_key_file))),
             metrics_port=env.integer("STEPCACHE_METRICS_PORT", defaults.metrics_port, minimum=0, maximum=65535),
             health_port=env.integer("STEPCACHE_HEALTH_PORT", defaults.health_port, minimum=0, maximum=65535),
@@ -156,4 +158,6 @@ class _Env:
         try:
             return staleness.parse(raw.strip())
         except ValueError as exc:
-            raise errors.InvalidSetting(name, f"{raw!r} is not an ISO 8601 duration such as P7D or PT12H ({exc})") from None
+            raise errors.InvalidSetting(
+                name, f"{raw!r} is not an ISO 8601 duration such as P7D or PT12H ({exc})"
+            ) from None

@@ -16,7 +16,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from stepcache import mutation
 
-__all__ = ["Kube", "SIGNING_SECRET", "connect"]
+__all__ = ["SIGNING_SECRET", "Kube", "connect"]
 
 SIGNING_SECRET = "stepcache-signing-key"
 _SIGNING_FIELD = "key"
@@ -28,7 +28,7 @@ async def connect() -> Kube:
     """Log in the way kubectl would: in-cluster when running in a pod, else $KUBECONFIG or ~/.kube/config."""
     configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         await config.load_kube_config(client_configuration=configuration)
     return Kube(client.ApiClient(configuration))
@@ -93,7 +93,9 @@ class Kube:
                 raise
             raced = await self._read_signing_secret(namespace)
             if raced is None:
-                raise RuntimeError(f"Secret {namespace}/{SIGNING_SECRET} vanished right after a create conflict") from exc
+                raise RuntimeError(
+                    f"Secret {namespace}/{SIGNING_SECRET} vanished right after a create conflict"
+                ) from exc
             return raced
         return fresh
 

@@ -245,14 +245,12 @@ def run(settings: config.Settings) -> None:
 
     registry = build_registry(settings, signing_key=read_signing_key_file(settings))
     memo = kopf.Memo()
-    asyncio.run(
+    uvloop.run(
         kopf.operator(
             registry=registry,
             memo=memo,
             clusterwide=True,
             standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
-        ),
-        loop_factory=uvloop.new_event_loop,
+        )
     )
-

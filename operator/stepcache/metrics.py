@@ -7,16 +7,14 @@ import prometheus_client
 __all__ = [
     "ADMISSIONS",
     "ADMISSION_FAILURES",
+    "EXPIRED",
     "RECORDED",
     "RECORD_REJECTED",
     "RECORD_RETRIES",
-    "EXPIRED",
     "start_server",
 ]
 
-ADMISSIONS = prometheus_client.Counter(
-    "stepcache_admissions", "Pod admissions by outcome.", ["outcome"]
-)
+ADMISSIONS = prometheus_client.Counter("stepcache_admissions", "Pod admissions by outcome.", ["outcome"])
 ADMISSION_FAILURES = prometheus_client.Counter(
     "stepcache_admission_failures", "Admissions that failed open, by reason.", ["reason"]
 )

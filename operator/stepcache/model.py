@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-__all__ = ["CachedEntry", "NewEntry", "JSONObject"]
+__all__ = ["CachedEntry", "JSONObject", "NewEntry"]
 
 JSONObject = dict[str, Any]
 """A decoded JSON object as the Kubernetes API sends it (pods, admission reviews)."""

@@ -95,7 +95,7 @@ class Recorder:
         except _RetryLater as exc:
             self._schedule(pod, attempt=attempt, reason=exc.reason)
             return
-        except Exception as exc:  # noqa: BLE001 — one bad pod must not stop the recorder; it is logged and counted
+        except Exception as exc:
             metrics.RECORD_REJECTED.labels(reason="internal-error").inc()
             log.exception("record_failed", pod=ref, error=repr(exc))
             return
@@ -194,7 +194,9 @@ def _verified_key(
     ):
         return "bad-signature"
     try:
-        recomputed = keys.compute(pod, namespace=namespace, options=rt.key_options, containers=key_containers.split(","))
+        recomputed = keys.compute(
+            pod, namespace=namespace, options=rt.key_options, containers=key_containers.split(",")
+        )
     except errors.Uncacheable:
         return "key-containers-missing"
     if recomputed.value != key_value:

@@ -35,6 +35,8 @@ def parse(text: str) -> datetime.timedelta:
         raise ValueError(f"not an ISO 8601 duration: {exc}") from None
     if isinstance(duration, isodate.Duration):
         duration = (_EPOCH + duration) - _EPOCH
+    if not isinstance(duration, datetime.timedelta):
+        raise ValueError("not an ISO 8601 duration")
     if duration < datetime.timedelta(0):
         raise ValueError("a duration must not be negative")
     return duration

@@ -50,7 +50,9 @@ def test_every_setting_is_read() -> None:
     assert s.default_max_staleness == datetime.timedelta(days=7)
     assert s.max_staleness is None
     assert s.cache_image == "registry.local/replay:1"
-    assert s.keep_node_constraints and s.key_service_account and s.require_digest
+    assert s.keep_node_constraints
+    assert s.key_service_account
+    assert s.require_digest
     assert s.signing_key_file == pathlib.Path("/keys/k")
     assert s.webhook_port == 8443
     assert s.log_format == "console"

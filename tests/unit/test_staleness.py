@@ -34,9 +34,7 @@ def test_bad_durations_are_rejected(text: str) -> None:
 
 
 def test_stepcache_annotation_wins_over_kfp() -> None:
-    decision = staleness.decide(
-        {staleness.OURS: "P1D", staleness.KFP: "P9D"}, default=None, cap=None
-    )
+    decision = staleness.decide({staleness.OURS: "P1D", staleness.KFP: "P9D"}, default=None, cap=None)
     assert decision.max_age == DAY
     assert decision.source == staleness.OURS
 
