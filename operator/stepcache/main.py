@@ -153,6 +153,9 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
     """All of stepcache's handlers on a fresh registry."""
     registry = kopf.OperatorRegistry()
 
+    # A fresh registry has none of kopf's default login handlers; log in as kubectl would (in-cluster or kubeconfig).
+    kopf.on.login(registry=registry)(kopf.login_via_async_client)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings, _settings)
