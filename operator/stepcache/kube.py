@@ -19,6 +19,7 @@ from stepcache import mutation
 __all__ = ["SIGNING_SECRET", "Kube", "connect"]
 
 SIGNING_SECRET = "stepcache-signing-key"
+OPT_IN_LABEL = "stepcache.dev/enabled"
 _SIGNING_FIELD = "key"
 _WORKFLOW_GROUP = "argoproj.io"
 _WORKFLOW_VERSION = "v1alpha1"
@@ -59,6 +60,11 @@ class Kube:
                 return False
             raise
         return True
+
+    async def opted_in_namespaces(self) -> list[str]:
+        """Names of the namespaces labelled `stepcache.dev/enabled=true` right now (one LIST, at start)."""
+        listed = await self._core.list_namespace(label_selector=f"{OPT_IN_LABEL}=true")
+        return [ns.metadata.name for ns in listed.items]
 
     async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:
         """Argo's WorkflowTaskResult for a node, or None when it (or its CRD) does not exist."""

@@ -77,7 +77,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settin
     # The documented `['v1/pods']` key form silently matches nothing (shared/KOPF.md); this form works.
     kopf_settings.watching.label_selectors[_POD_SELECTOR] = f"{mutation.CACHE_ID}="
     kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
-    kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = "stepcache.dev/enabled=true"
+    kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = f"{kube.OPT_IN_LABEL}=true"
     kopf_settings.admission.managed = None  # we ship our own MutatingWebhookConfiguration (manifests/)
     kopf_settings.admission.server = kopf.WebhookServer(
         addr=settings.webhook_host,
@@ -115,12 +115,17 @@ async def build_runtime(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
     log.info("database_ready", migrations_applied=applied)
+    # Primed here so the webhook, which kopf serves only after startup, never sees an empty set at first;
+    # the namespace watch keeps it current from then on.
+    namespaces = runtime.OptedInNamespaces()
+    for name in await kube_api.opted_in_namespaces():
+        namespaces.add(name)
     return runtime.Runtime(
         settings=settings,
         store=cache,
         kube=kube_api,
         signing_key=signing_key,
-        namespaces=runtime.OptedInNamespaces(),
+        namespaces=namespaces,
         key_options=keys.KeyOptions(
             scope=settings.scope, salt=settings.salt, key_service_account=settings.key_service_account
         ),
@@ -216,7 +221,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         type: str | None, name: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
     ) -> None:
         namespaces: runtime.OptedInNamespaces = memo["runtime"].namespaces
-        if type != "DELETED" and labels.get("stepcache.dev/enabled") == "true":
+        if type != "DELETED" and labels.get(kube.OPT_IN_LABEL) == "true":
             namespaces.add(name)
         else:
             namespaces.discard(name)
