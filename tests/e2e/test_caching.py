@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.cluster.controlplane import ControlPlane, wait_for
 from tests.e2e.stepcache_fixtures import Cluster, seconds_between, step_job, step_pod
@@ -13,14 +14,14 @@ KEY = "stepcache.dev/key"
 STEP = "sleep 2; printf 'answer=42' > /dev/termination-log"
 
 
-def message(pod: dict, container: str = "main") -> str:
+def message(pod: dict[str, Any], container: str = "main") -> str:
     for status in pod["status"]["containerStatuses"]:
         if status["name"] == container:
-            return status["state"]["terminated"].get("message", "")
+            return str(status["state"]["terminated"].get("message", ""))
     raise AssertionError(f"no status for container {container}")
 
 
-def duration(pod: dict) -> float:
+def duration(pod: dict[str, Any]) -> float:
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     return seconds_between(terminated["startedAt"], terminated["finishedAt"])
 
