@@ -22,7 +22,8 @@ control-plane: system-deps
 	@hack/cluster/build.sh >/dev/null
 
 lint: deps
-	$(VENV)/bin/ruff check operator tests hack bench
+	$(VENV)/bin/ruff check $(wildcard operator tests hack bench)
+	$(VENV)/bin/ruff format --check $(wildcard operator tests hack bench)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
