@@ -53,12 +53,16 @@ class Kube:
             {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "add", "path": f"/metadata/labels/{escaped}", "value": str(entry_id)},
         ]
+        # The response is not turned into a V1Pod: that would add client-side validation that can fail on a pod the
+        # API server accepted, leaving a recorded pod unlabelled.
+        response: Any = await self._core.patch_namespaced_pod(name, namespace, body, _preload_content=False)
         try:
-            await self._core.patch_namespaced_pod(name, namespace, body)
-        except ApiException as exc:
-            if exc.status in (404, 422):  # gone, or the uid test failed: not our pod any more
+            if response.status in (404, 422):  # gone, or the uid test failed: not our pod any more
                 return False
-            raise
+            if not 200 <= response.status <= 299:
+                raise ApiException(status=response.status, reason=await response.text())
+        finally:
+            response.release()
         return True
 
     async def opted_in_namespaces(self) -> list[str]:
