@@ -14,12 +14,11 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from stepcache import mutation
+from stepcache import keys, mutation
 
 __all__ = ["SIGNING_SECRET", "Kube", "connect"]
 
 SIGNING_SECRET = "stepcache-signing-key"
-OPT_IN_LABEL = "stepcache.dev/enabled"
 _SIGNING_FIELD = "key"
 _WORKFLOW_GROUP = "argoproj.io"
 _WORKFLOW_VERSION = "v1alpha1"
@@ -67,7 +66,7 @@ class Kube:
 
     async def opted_in_namespaces(self) -> list[str]:
         """Names of the namespaces labelled `stepcache.dev/enabled=true` right now (one LIST, at start)."""
-        listed = await self._core.list_namespace(label_selector=f"{OPT_IN_LABEL}=true")
+        listed = await self._core.list_namespace(label_selector=f"{keys.ENABLED_LABEL}=true")
         return [ns.metadata.name for ns in listed.items]
 
     async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:

@@ -77,7 +77,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settin
     # The documented `['v1/pods']` key form silently matches nothing (shared/KOPF.md); this form works.
     kopf_settings.watching.label_selectors[_POD_SELECTOR] = f"{mutation.CACHE_ID}="
     kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
-    kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = f"{kube.OPT_IN_LABEL}=true"
+    kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = f"{keys.ENABLED_LABEL}=true"
     kopf_settings.admission.managed = None  # we ship our own MutatingWebhookConfiguration (manifests/)
     kopf_settings.admission.server = kopf.WebhookServer(
         addr=settings.webhook_host,
@@ -221,7 +221,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         type: str | None, name: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
     ) -> None:
         namespaces: runtime.OptedInNamespaces = memo["runtime"].namespaces
-        if type != "DELETED" and labels.get(kube.OPT_IN_LABEL) == "true":
+        if type != "DELETED" and labels.get(keys.ENABLED_LABEL) == "true":
             namespaces.add(name)
         else:
             namespaces.discard(name)
