@@ -152,3 +152,19 @@ def test_the_operator_needs_no_permission_beyond_the_manifests(cluster: Cluster)
         "auth", "can-i", "get", "secrets", "--as=system:serviceaccount:stepcache-system:stepcache", "-A", check=False
     )
     assert who.stdout.strip() == "no"  # the operator cannot read Secrets beyond its signing key
+
+
+def test_a_pod_that_succeeded_during_an_outage_is_recorded_after_an_operator_restart(cluster: Cluster) -> None:
+    cluster.db.stop()
+    try:
+        pod, warnings = cluster.create(step_pod("restart", STEP))
+        assert "cache unavailable" in warnings
+        name = pod["metadata"]["name"]
+        cluster.wait_pod_phase(name, "Succeeded")
+        cluster.wait_log_event("record_retry_scheduled", name)
+        cluster.operator.stop()  # the in-process retry queue is gone with it
+    finally:
+        cluster.db.start()
+    cluster.operator.start()
+    recorded = cluster.wait_recorded(name, timeout=90)  # re-delivered by the LIST at start: its cache-id is empty
+    assert [row["id"] for row in cluster.rows()] == [int(recorded["metadata"]["labels"][CACHE_ID])]
