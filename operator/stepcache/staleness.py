@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 from collections.abc import Mapping
 
 import isodate
@@ -25,8 +26,12 @@ ANNOTATIONS = (OURS, KFP)
 _EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 
+@functools.lru_cache(maxsize=256)
 def parse(text: str) -> datetime.timedelta:
-    """Parse an ISO 8601 duration (`P7D`, `PT12H`, `P1Y2M`) into a non-negative timedelta; raise ValueError."""
+    """Parse an ISO 8601 duration (`P7D`, `PT12H`, `P1Y2M`) into a non-negative timedelta; raise ValueError.
+
+    Cached: pods of one pipeline repeat a handful of values, and isodate's parser showed up on the webhook's profile.
+    """
     if not any(ch.isdigit() for ch in text):
         raise ValueError("not an ISO 8601 duration: no number in it")
     try:
