@@ -31,6 +31,8 @@ async def connect() -> Kube:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         await config.load_kube_config(client_configuration=configuration)
+    # The recorder labels pods from concurrent handlers; a larger pool saves a TLS handshake per label under load.
+    configuration.connection_pool_maxsize = 16
     return Kube(client.ApiClient(configuration))
 
 
