@@ -75,6 +75,11 @@ class OperatorProcess:
         tls.write_pair(serving, cert_file=self.cert_file, key_file=self.key_file)
 
     @property
+    def pid(self) -> int | None:
+        """The operator process's pid while it runs (benchmarks read its CPU time and memory)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def log_file(self) -> pathlib.Path:
         return self._log_file
 
