@@ -157,15 +157,17 @@ def _check_signing_key(key: bytes, *, source: str) -> None:
 def build_registry(settings: config.Settings, *, signing_key: bytes | None = None) -> kopf.OperatorRegistry:
     """All of stepcache's handlers on a fresh registry."""
     registry = kopf.OperatorRegistry()
+    # kopf passes its own settings to handlers as the keyword `settings`; ours go by another name.
+    stepcache_settings = settings
 
     # A fresh registry has none of kopf's default login handlers; log in as kubectl would (in-cluster or kubeconfig).
     kopf.on.login(registry=registry)(kopf.login_via_async_client)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        configure_kopf(settings, _settings)
+        configure_kopf(settings, stepcache_settings)
         kube_api = await kube.connect()
-        rt = await build_runtime(_settings, kube_api=kube_api, signing_key=signing_key)
+        rt = await build_runtime(stepcache_settings, kube_api=kube_api, signing_key=signing_key)
         rec = recorder.Recorder(rt)
         memo["runtime"] = rt
         memo["recorder"] = rec
@@ -173,8 +175,8 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             asyncio.create_task(rec.run(), name="stepcache-record-retries"),
             asyncio.create_task(_expire_forever(rt), name="stepcache-expiry"),
         ]
-        metrics.start_server(_settings.metrics_port)
-        log.info("operator_started", webhook_port=_settings.webhook_port, scope=_settings.scope)
+        metrics.start_server(stepcache_settings.metrics_port)
+        log.info("operator_started", webhook_port=stepcache_settings.webhook_port, scope=stepcache_settings.scope)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -226,7 +228,6 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         else:
             namespaces.discard(name)
 
-    _settings = settings
     return registry
 
 
