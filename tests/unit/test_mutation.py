@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from stepcache import argo, errors, model, mutation
+from tests.cluster import kubelet as process_kubelet
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
 PODS = ("job-pod", "argo-3.6-pod", "kfp-v1-pod")
@@ -108,31 +109,8 @@ def set_template(pod: dict[str, Any], tmpl: Mapping[str, Any]) -> None:
         annotations[argo.TEMPLATE_ANNOTATION] = json.dumps(tmpl)
 
 
-# The kubelet's expansion of `$(VAR)` in env values and commands (k8s third_party/forked/golang/expansion).
-def kubelet_expand(text: str, defined: Mapping[str, str]) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "$" and i + 1 < len(text):
-            following = text[i + 1]
-            if following == "$":
-                out.append("$")
-                i += 2
-            elif following == "(":
-                close = text.find(")", i + 2)
-                if close == -1:
-                    out.append(text[i:])
-                    break
-                name = text[i + 2 : close]
-                out.append(defined.get(name, f"$({name})"))
-                i = close + 1
-            else:
-                out.append("$" + following)
-                i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+# The kubelet's expansion of `$(VAR)` in env values and commands: the process kubelet's, which the e2e tests run.
+kubelet_expand = process_kubelet.expand
 
 
 def container_environment(container: Mapping[str, Any]) -> dict[str, str]:
