@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from tests.cluster import controlplane, ports
+
 from stepcache import tls
 
 __all__ = [
@@ -60,21 +62,11 @@ def say(text: str) -> None:
 
 
 def wait_until(predicate: Callable[[], _T | None], timeout: float, what: str, *, interval: float = 0.1) -> _T:
-    """Poll `predicate` until it returns something truthy; raise TimeoutError naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} (not within {timeout:g} s)")
-        time.sleep(interval)
+    """The harness's poll with a deadline (`controlplane.wait_for`), polling a little faster."""
+    return controlplane.wait_for(predicate, timeout, what, interval=interval)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = ports.free_port
 
 
 # --- processes ------------------------------------------------------------------------------------------------------

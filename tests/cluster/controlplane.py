@@ -21,7 +21,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 import yaml
 
 from stepcache import tls
+from tests.cluster import ports
 
 __all__ = [
     "BINARIES",
@@ -174,15 +174,6 @@ def terminate(processes: Iterable[subprocess.Popen[bytes]], *, timeout: float = 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
-
-
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is picked, so the ports are distinct.
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 # --- kubeconfigs ----------------------------------------------------------------------------------------------------
@@ -331,7 +322,7 @@ class ControlPlane:
         self._workdir = self._given_workdir or pathlib.Path(tempfile.mkdtemp(prefix="stepcache-cp-"))
         self._workdir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
-        etcd_client, etcd_peer, apiserver = _free_ports(3)
+        etcd_client, etcd_peer, apiserver = ports.free_ports(3)
         self._ports = _Ports(etcd_client=etcd_client, etcd_peer=etcd_peer, apiserver=apiserver)
         try:
             self._write_pki()

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from stepcache import tls
-from tests.cluster import controlplane
+from tests.cluster import controlplane, ports
 
 __all__ = ["MANIFESTS", "OperatorProcess", "install_manifests"]
 
@@ -36,12 +36,6 @@ def install_manifests(cp: controlplane.ControlPlane) -> None:
     for name in ("00-namespace.yaml", "10-rbac.yaml"):
         cp.kubectl("apply", "-f", str(MANIFESTS / name))
     cp.wait_for_service_account(NAMESPACE, SERVICE_ACCOUNT)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OperatorProcess:
@@ -61,9 +55,9 @@ class OperatorProcess:
         self._extra_env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file = workdir / "operator.log"
-        self.webhook_port = _free_port()
-        self.metrics_port = _free_port()
-        self.health_port = _free_port()
+        self.webhook_port = ports.free_port()
+        self.metrics_port = ports.free_port()
+        self.health_port = ports.free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         ca = tls.make_ca("stepcache-webhook-ca")
         serving = tls.issue(

@@ -19,12 +19,13 @@ import pathlib
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import types
+
+from tests.cluster import ports
 
 __all__ = ["PostgresError", "TempPostgres", "find_binaries", "main"]
 
@@ -141,7 +142,7 @@ class TempPostgres:
         created = self._initdb()
         for attempt in range(1, _START_ATTEMPTS + 1):
             if self._port is None:
-                self._port = _free_port()
+                self._port = ports.free_port()
             try:
                 self._pg_ctl("start", "-w", "-t", "60", "-o", f"-p {self._port}")
                 break
@@ -297,13 +298,6 @@ class TempPostgres:
 def _major_version(bin_dir: pathlib.Path) -> int:
     name = bin_dir.parent.name
     return int(name) if name.isdigit() else 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _children(pid: int) -> list[int]:

@@ -20,7 +20,6 @@ import gzip
 import importlib.resources
 import json
 import pathlib
-import socket
 import ssl
 import threading
 import time
@@ -41,6 +40,7 @@ from kmock._internal import aiobus
 from kmock._internal import parsing as kmock_parsing
 
 from stepcache import config, keys, main, runtime, tls
+from tests.cluster import ports
 
 __all__ = [
     "DEADLINE",
@@ -54,7 +54,6 @@ __all__ = [
     "create",
     "emulated_cluster",
     "eventually",
-    "free_port",
     "label_namespace",
     "namespace",
     "patched",
@@ -258,13 +257,6 @@ def webhook_tls(directory: pathlib.Path) -> WebhookTLS:
     return WebhookTLS(ca_pem=ca.cert_pem, cert_file=cert_file, key_file=key_file)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def settings_for(database_url: str, *, certs: WebhookTLS, port: int, **environ: str) -> config.Settings:
     """Settings as the operator reads them from its environment: loopback webhook, no metrics or health ports."""
     return config.Settings.from_env(
@@ -383,7 +375,7 @@ class Launcher:
     @contextlib.asynccontextmanager
     async def run(self, database_url: str, *, opted_in: str, **environ: str) -> AsyncIterator[Operator]:
         """An operator with loopback settings, once its namespace watch has delivered `opted_in`."""
-        settings = settings_for(database_url, certs=self.certs, port=free_port(), **environ)
+        settings = settings_for(database_url, certs=self.certs, port=ports.free_port(), **environ)
         kubeconfig = write_kubeconfig(self.tmp_path / "kubeconfig", server=str(self.cluster.url))
         async with running_operator(settings, kubeconfig=kubeconfig, monkeypatch=self.monkeypatch) as operator:
 
