@@ -88,7 +88,10 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
         key_containers=key.containers,
         signature=signing.signature(rt.signing_key, namespace=namespace, key=key.value, key_containers=key_containers),
     )
-    miss = mutation.miss_patch(pod, signed=signed)
+
+    def miss() -> Verdict:
+        # Built only when it is the answer: a hit builds the hit patch instead.
+        return Verdict(outcome="miss", patch=mutation.miss_patch(pod, signed=signed), warnings=tuple(warnings))
 
     try:
         decision = staleness.decide(
@@ -99,9 +102,9 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
     except errors.InvalidAnnotation as exc:
         metrics.ADMISSION_FAILURES.labels(reason="invalid-annotation").inc()
         warnings.append(f"{_PREFIX}annotation {exc.name}: {exc.reason}; the pod runs uncached (its result is recorded)")
-        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+        return miss()
     if not decision.may_reuse:
-        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+        return miss()
 
     try:
         async with asyncio.timeout(rt.settings.db_timeout):
@@ -115,16 +118,16 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
         warnings.append(
             f"{_PREFIX}cache unavailable ({type(exc).__name__}); the pod runs uncached and is recorded later"
         )
-        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+        return miss()
     if entry is None:
-        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+        return miss()
 
     try:
         hit = mutation.hit_patch(pod, signed=signed, entry=entry, options=rt.replay_options, kfp=keys.is_kfp(pod))
     except errors.Uncacheable as exc:
         metrics.ADMISSION_FAILURES.labels(reason="not-replayable").inc()
         log.info("not_replayable", pod=_pod_ref(pod), key=key.value, entry_id=entry.id, reason=exc.reason)
-        return Verdict(outcome="miss", patch=miss, warnings=tuple(warnings))
+        return miss()
     if not dryrun:
         rt.store.note_hit(entry.id)
     return Verdict(outcome="hit", patch=hit, warnings=tuple(warnings), entry_id=entry.id)
