@@ -26,7 +26,7 @@ import time
 import urllib.request
 from typing import Any
 
-from tests.cluster import operator as operator_harness
+from hack.cluster import operator as operator_harness
 
 from bench import common, payloads, stage
 

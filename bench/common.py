@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from tests.cluster import controlplane, ports
+from hack.cluster import controlplane, ports
 
 from stepcache import tls
 

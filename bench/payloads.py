@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 import yaml
-from tests.cluster import controlplane
+from hack.cluster import controlplane
 
 from bench import common
 from stepcache import keys, mutation

@@ -1,6 +1,6 @@
 """The stage every benchmark runs on: the harness's control plane, a temporary Postgres, the real operator.
 
-Everything is the project's own test harness (tests/cluster), started once per invocation: a real kube-apiserver
+Everything is the project's own test harness (hack/cluster), started once per invocation: a real kube-apiserver
 with etcd and the controllers, PostgreSQL from the distribution's binaries, and `python -m stepcache run` as a
 subprocess authenticated as its ServiceAccount — stepcache exactly as installed, minus the container image.
 The operator and Postgres are pinned to the server core; the control plane may use both.
@@ -18,8 +18,8 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tests.cluster import controlplane, postgres
-from tests.cluster import operator as operator_harness
+from hack.cluster import controlplane, postgres
+from hack.cluster import operator as operator_harness
 
 from bench import common
 from stepcache import store

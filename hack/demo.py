@@ -18,9 +18,10 @@ import time
 from typing import Any
 
 import yaml
-from tests.cluster import controlplane, postgres
-from tests.cluster import kubelet as process_kubelet
-from tests.cluster import operator as operator_harness
+
+from hack.cluster import controlplane, postgres
+from hack.cluster import kubelet as process_kubelet
+from hack.cluster import operator as operator_harness
 
 NAMESPACE = "pipelines"
 NODE = "demo-node"

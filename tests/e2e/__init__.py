@@ -1,1 +1,1 @@
-"""End-to-end tests: stepcache against a real control plane (tests/cluster) and the process kubelet."""
+"""End-to-end tests: stepcache against a real control plane (hack/cluster) and the process kubelet."""

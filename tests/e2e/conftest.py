@@ -14,10 +14,9 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
-
-from tests.cluster import controlplane
-from tests.cluster import kubelet as process_kubelet
-from tests.cluster.controlplane import wait_for
+from hack.cluster import controlplane
+from hack.cluster import kubelet as process_kubelet
+from hack.cluster.controlplane import wait_for
 
 # stepcache installed into the shared control plane (operator, webhook, Postgres), for the tests of stepcache itself.
 from tests.e2e.stepcache_fixtures import cluster, database, namespace, stepcache  # noqa: F401

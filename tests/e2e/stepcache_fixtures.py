@@ -9,10 +9,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-
-from tests.cluster import controlplane, postgres
-from tests.cluster import operator as operator_harness
-from tests.cluster.controlplane import wait_for
+from hack.cluster import controlplane, postgres
+from hack.cluster import operator as operator_harness
+from hack.cluster.controlplane import wait_for
 
 __all__ = ["Cluster", "cluster", "database", "namespace", "stepcache"]
 

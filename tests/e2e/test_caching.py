@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.cluster.controlplane import ControlPlane, wait_for
+from hack.cluster.controlplane import ControlPlane, wait_for
+
 from tests.e2e.stepcache_fixtures import Cluster, seconds_between, step_job, step_pod
 
 CACHE_ID = "stepcache.dev/cache-id"

@@ -12,10 +12,9 @@ import re
 from typing import Any
 
 import yaml
-
-from tests.cluster import controlplane
-from tests.cluster import kubelet as process_kubelet
-from tests.cluster.controlplane import wait_for
+from hack.cluster import controlplane
+from hack.cluster import kubelet as process_kubelet
+from hack.cluster.controlplane import wait_for
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "cluster"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")

@@ -6,10 +6,10 @@ import asyncio
 import base64
 import json
 
+from hack.cluster.controlplane import ControlPlane
 from kubernetes_asyncio import client, config
 
 from stepcache import kube
-from tests.cluster.controlplane import ControlPlane
 from tests.e2e.stepcache_fixtures import Cluster, step_pod
 
 CACHE_ID = "stepcache.dev/cache-id"

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+from hack.cluster import postgres as cluster
 
 from stepcache import store
-from tests.cluster import postgres as cluster
 
 # Generous: the machine is shared; the tests that measure the bound build their own store with a small one.
 TIMEOUT = 10.0

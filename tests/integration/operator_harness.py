@@ -36,11 +36,11 @@ import kopf
 import kubernetes_asyncio.config.kube_config
 import pytest
 import yaml
+from hack.cluster import ports
 from kmock._internal import aiobus
 from kmock._internal import parsing as kmock_parsing
 
 from stepcache import config, keys, main, runtime, tls
-from tests.cluster import ports
 
 __all__ = [
     "DEADLINE",

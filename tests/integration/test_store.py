@@ -18,9 +18,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import pytest
+from hack.cluster import postgres as cluster
 
 from stepcache import errors, model, store
-from tests.cluster import postgres as cluster
 from tests.integration import conftest
 
 _T = TypeVar("_T")

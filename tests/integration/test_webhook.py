@@ -20,9 +20,9 @@ import aiohttp
 import asyncpg
 import pytest
 import yaml
+from hack.cluster import postgres as cluster_postgres
 
 from stepcache import keys, model, mutation, signing, store
-from tests.cluster import postgres as cluster_postgres
 from tests.integration import operator_harness as harness
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs

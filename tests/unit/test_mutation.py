@@ -19,9 +19,9 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
+from hack.cluster import kubelet as process_kubelet
 
 from stepcache import argo, errors, model, mutation
-from tests.cluster import kubelet as process_kubelet
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
 PODS = ("job-pod", "argo-3.6-pod", "kfp-v1-pod")

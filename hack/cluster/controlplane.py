@@ -2,7 +2,7 @@
 
 stepcache's claims are about Kubernetes itself — admission, RBAC, ServiceAccount tokens, what kubectl prints — so the
 tests run against the real etcd, kube-apiserver, kube-controller-manager and kube-scheduler, built from pinned Go
-modules by `hack/cluster/build.sh`. Only the kubelet is simulated (see `tests/cluster/kubelet.py`).
+modules by `hack/cluster/build.sh`. Only the kubelet is simulated (see `hack/cluster/kubelet.py`).
 
 Everything listens on 127.0.0.1 on free ports and lives in one temporary work directory (PKI, etcd data,
 kubeconfigs, logs), so several control planes can run side by side and nothing outside the directory changes.
@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from hack.cluster import ports
 from stepcache import tls
-from tests.cluster import ports
 
 __all__ = [
     "BINARIES",

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
+from hack.cluster import controlplane, ports
 from stepcache import tls
-from tests.cluster import controlplane, ports
 
 __all__ = ["MANIFESTS", "OperatorProcess", "install_manifests"]
 

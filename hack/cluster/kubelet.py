@@ -11,7 +11,7 @@ Not simulated: images (the host's `sh`/`python3` run the commands), volumes, cgr
 networking (every pod has IP 127.0.0.1), probes, securityContext, `kubectl logs/exec` (logs are files under the
 logs directory instead).
 
-Run it as `python -m tests.cluster.kubelet --kubeconfig F --node NAME --logs DIR`, in-process with
+Run it as `python -m hack.cluster.kubelet --kubeconfig F --node NAME --logs DIR`, in-process with
 `run_kubelet(...)`, or as a managed subprocess with `KubeletProcess`.
 """
 
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import aiohttp
 import yaml
 
-from tests.cluster import controlplane
+from hack.cluster import controlplane
 
 __all__ = [
     "Api",
@@ -1128,7 +1128,7 @@ class KubeletProcess:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "tests.cluster.kubelet",
+            sys.executable, "-m", "hack.cluster.kubelet",
             "--kubeconfig", str(self.kubeconfig), "--node", self.node, "--logs", str(self.logs_dir),
         ]  # fmt: skip
         self._process = controlplane.spawn(argv, log_file=self.log_file, cwd=controlplane.REPO)
@@ -1151,7 +1151,7 @@ class KubeletProcess:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.kubelet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hack.cluster.kubelet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", type=pathlib.Path, required=True)
     parser.add_argument("--node", default="stepcache-node")
     parser.add_argument("--logs", type=pathlib.Path, required=True, help="where container logs are kept")

@@ -5,7 +5,7 @@ SQLite and shipped on MySQL). The server is started from the distribution's bina
 socket and logs under one directory; `stop()` and `start()` again keep the port and data, so tests can stage an
 outage. `initdb` refuses to run as root, which is how CI and this machine run: then the server runs as `postgres`.
 
-    python -m tests.cluster.postgres --dir DIR      # prints the URL, runs until SIGTERM/SIGINT
+    python -m hack.cluster.postgres --dir DIR      # prints the URL, runs until SIGTERM/SIGINT
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 import threading
 import types
 
-from tests.cluster import ports
+from hack.cluster import ports
 
 __all__ = ["PostgresError", "TempPostgres", "find_binaries", "main"]
 
@@ -34,7 +34,7 @@ DATABASE = "stepcache"
 _SYSTEM_USER = "postgres"
 _START_ATTEMPTS = 3
 _CONF = """
-# Added by tests/cluster/postgres.py: a disposable server, fast rather than durable.
+# Added by hack/cluster/postgres.py: a disposable server, fast rather than durable.
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '{socket_dir}'
 fsync = off
@@ -265,7 +265,7 @@ class TempPostgres:
         try:
             self.stop()
         except PostgresError as exc:
-            print(f"tests.cluster.postgres: {exc}", file=sys.stderr)
+            print(f"hack.cluster.postgres: {exc}", file=sys.stderr)
         self._remove_private_home()
 
     def _remove_private_home(self) -> None:
@@ -342,7 +342,7 @@ def _chown_to_server_user(*paths: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one server until SIGTERM or SIGINT; print its URL on the first line of stdout."""
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.postgres", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hack.cluster.postgres", description=main.__doc__)
     parser.add_argument("--dir", required=True, type=pathlib.Path, help="where the data and logs live")
     parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
     args = parser.parse_args(argv)
