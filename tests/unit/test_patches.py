@@ -8,15 +8,18 @@ compared as JSON text, since Python finds `1 == True`.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
+import pathlib
 from typing import Any
 
 import jsonpatch
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepcache import mutation, patches
+from stepcache import errors, model, mutation, patches
 
 PROPERTY = settings(max_examples=400, deadline=None, database=None)
 """No deadline on a shared machine; no example database written into the work tree."""
@@ -125,3 +128,112 @@ def test_the_ops_follow_the_merge_patchs_paths_only(obj: dict[str, Any], merge: 
         for part in parents:
             node = node[part]
             assert isinstance(node, dict), "an op below a value the merge patch sets"
+
+
+# --- any pod, any verdict ----------------------------------------------------------------------------------------
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
+BASES = {
+    name: yaml.safe_load((FIXTURES / f"{name}.yaml").read_text()) for name in ("job-pod", "argo-3.6-pod", "kfp-v1-pod")
+}
+SIGNED = mutation.Signed(key="ab" * 32, key_containers=("init", "wait", "main"), signature="cd" * 32)
+ENTRY = model.CachedEntry(
+    id=7,
+    namespace="team-a",
+    cache_key="ab" * 32,
+    termination_messages={"train": "done\n", "report": "ok", "main": "$(x) sh"},
+    argo_outputs={"parameters": {"length": "9", "upper": "STEPCACHE"}, "result": "9"},
+    source_pod="earlier-pod",
+    finished_at=datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC),
+    duration_seconds=12.5,
+)
+OWNED = st.sampled_from([*mutation.OWNED_LABELS, *mutation.OWNED_ANNOTATIONS, mutation.KFP_REUSED])
+NAMES = st.sampled_from(["app", "a/b", "x~y", "workflows.argoproj.io/outputs", "stepcache.dev/max-staleness"]) | OWNED
+VALUES = st.sampled_from(["", "true", "sh", "1", "-c"])
+COMMANDS = st.sampled_from([["true"], ["sh", "-c", "true"], ["python", "-m", "train"], []])
+VOLUMES = st.sampled_from(
+    [
+        {"name": "host", "hostPath": {"path": "/opt"}},
+        {"name": "claim", "persistentVolumeClaim": {"claimName": "c"}},
+        {"name": "eph", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+        {"name": "empty", "emptyDir": {}},
+        {"name": "cm", "configMap": {"name": "c"}},
+    ]
+)
+POD_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "hostNetwork": st.booleans(),
+        "hostPID": st.booleans(),
+        "nodeName": st.just("n1"),
+        "runtimeClassName": st.just("nvidia"),
+        "overhead": st.just({"cpu": "1"}),
+        "resourceClaims": st.just([{"name": "g", "resourceClaimName": "g"}]),
+        "resources": st.just({"requests": {"cpu": "2"}}),
+        "securityContext": st.sampled_from([{}, {"runAsUser": 0}, {"runAsNonRoot": False, "fsGroup": 1}]),
+        "nodeSelector": st.dictionaries(st.sampled_from(["kubernetes.io/os", "pool", "a/b"]), VALUES, max_size=2),
+        "affinity": st.just({"nodeAffinity": {}}),
+    },
+)
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    pod = copy.deepcopy(BASES[draw(st.sampled_from(sorted(BASES)))])
+    metadata = pod["metadata"]
+    for field in ("labels", "annotations"):
+        extra = draw(st.dictionaries(NAMES, VALUES, max_size=4))
+        if draw(st.booleans()):
+            metadata[field] = {**metadata.get(field, {}), **extra}
+        elif extra:
+            metadata[field] = extra
+        else:
+            metadata.pop(field, None)
+    spec = pod["spec"]
+    spec.update(draw(POD_FIELDS))
+    volumes = draw(st.lists(VOLUMES, max_size=3, unique_by=lambda v: v["name"]))
+    spec["volumes"] = [*spec.get("volumes", []), *volumes]
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        if container["name"] not in ("main", "wait", "init"):
+            container["command"] = draw(COMMANDS)
+        if draw(st.booleans()):
+            container.setdefault("resources", {}).setdefault("limits", {})["nvidia.com/gpu"] = "1"
+        for volume in (
+            draw(st.lists(st.sampled_from(volumes), max_size=2, unique_by=lambda v: v["name"])) if volumes else []
+        ):
+            container.setdefault("volumeMounts", []).append(
+                {"name": volume["name"], "mountPath": f"/mnt/{volume['name']}"}
+            )
+    return pod
+
+
+@st.composite
+def verdicts(draw: st.DrawFn, pod: dict[str, Any]) -> dict[str, Any]:
+    outcome = draw(st.sampled_from(["skip", "miss", "hit"]))
+    if outcome == "skip":
+        return mutation.skip_patch(pod)
+    if outcome == "hit":
+        options = mutation.ReplayOptions(cache_image="replay:1", keep_node_constraints=draw(st.booleans()))
+        try:
+            return mutation.hit_patch(pod, signed=SIGNED, entry=ENTRY, options=options, kfp=draw(st.booleans()))
+        except errors.Uncacheable:
+            pass  # admission then answers with the miss patch
+    return mutation.miss_patch(pod, signed=SIGNED)
+
+
+@PROPERTY
+@given(data=st.data(), pod=pods())
+def test_for_any_pod_and_verdict_the_ops_applied_in_order_give_the_merged_pod(
+    data: st.DataObject, pod: dict[str, Any]
+) -> None:
+    merge = data.draw(verdicts(pod))
+    before = copy.deepcopy(pod)
+
+    admitted = applied(pod, merge)
+
+    assert as_json(admitted) == as_json(mutation.apply_merge_patch(pod, merge))
+    assert pod == before
+    spec = admitted["spec"]
+    volumes = {volume["name"] for volume in spec.get("volumes") or []}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        assert {mount["name"] for mount in container.get("volumeMounts") or []} <= volumes, "a mount without a volume"
