@@ -244,7 +244,7 @@ _UNCHANGED = _Unchanged()
 def _map_patch(current: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> Any:
     """The merge patch turning map `current` into `current` updated by `wanted` (None values delete).
 
-    Deleting absent keys is left out; deleting every key deletes the map (so kopf and RFC 7386 agree).
+    Deleting absent keys is left out; deleting every key deletes the map (no empty map is left behind).
     """
     current = current or {}
     changes = {name: value for name, value in wanted.items() if value is not None or name in current}

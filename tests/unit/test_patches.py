@@ -14,12 +14,13 @@ import pathlib
 from typing import Any
 
 import jsonpatch
+import kopf
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepcache import errors, model, mutation, patches
+from stepcache import errors, main, model, mutation, patches
 
 PROPERTY = settings(max_examples=400, deadline=None, database=None)
 """No deadline on a shared machine; no example database written into the work tree."""
@@ -147,6 +148,7 @@ ENTRY = model.CachedEntry(
     finished_at=datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC),
     duration_seconds=12.5,
 )
+OPTIONS = mutation.ReplayOptions(cache_image="replay:1")
 OWNED = st.sampled_from([*mutation.OWNED_LABELS, *mutation.OWNED_ANNOTATIONS, mutation.KFP_REUSED])
 NAMES = st.sampled_from(["app", "a/b", "x~y", "workflows.argoproj.io/outputs", "stepcache.dev/max-staleness"]) | OWNED
 VALUES = st.sampled_from(["", "true", "sh", "1", "-c"])
@@ -237,3 +239,21 @@ def test_for_any_pod_and_verdict_the_ops_applied_in_order_give_the_merged_pod(
     volumes = {volume["name"] for volume in spec.get("volumes") or []}
     for container in [*spec.get("initContainers", []), *spec["containers"]]:
         assert {mount["name"] for mount in container.get("volumeMounts") or []} <= volumes, "a mount without a volume"
+
+
+# --- the handler's kopf Patch --------------------------------------------------------------------------------------
+
+
+def test_the_handlers_kopf_patch_answers_with_these_ops_and_keeps_behaving_as_a_merge_patch() -> None:
+    pod = copy.deepcopy(BASES["job-pod"])
+    body = kopf.Body(pod)
+    patch = kopf.Patch(body=body)
+
+    main.answer_with_own_json_patch(patch, body=body)
+    patch.update(mutation.hit_patch(pod, signed=SIGNED, entry=ENTRY, options=OPTIONS, kfp=False))
+    patch.metadata.labels["team"] = "a"  # kopf's own views of the patch still write into it
+
+    merge = dict(patch)
+    assert merge["metadata"]["labels"]["team"] == "a"
+    assert patch.as_json_patch() == patches.json_patch(pod, merge)
+    assert isinstance(patch, kopf.Patch)
