@@ -104,7 +104,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settin
     kopf_settings.persistence.finalizer = FINALIZER
     kopf_settings.posting.enabled = False  # kopf's own per-handler Events would be writes on users' pods
     kopf_settings.peering.standalone = True
-    # The documented `['v1/pods']` key form silently matches nothing (shared/KOPF.md); this form works.
+    # The documented `['v1/pods']` key form silently matches nothing; this form works.
     kopf_settings.watching.label_selectors[_POD_SELECTOR] = f"{mutation.CACHE_ID}="
     kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
     kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = f"{keys.ENABLED_LABEL}=true"
