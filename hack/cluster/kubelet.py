@@ -69,6 +69,7 @@ __all__ = [
     "expand",
     "load_kubeconfig",
     "main",
+    "relative_path",
     "run_kubelet",
     "sandbox_path",
     "schedulable",
@@ -391,7 +392,7 @@ def sandbox_path(path: str, *, private: Sequence[str] = PRIVATE_DIRS, host: path
     return str(resolved)
 
 
-def _relative(path: str, *, what: str) -> pathlib.PurePosixPath:
+def relative_path(path: str, *, what: str) -> pathlib.PurePosixPath:
     """A path inside a volume, refused when it could leave the volume (as the API server and kubelet refuse it)."""
     relative = pathlib.PurePosixPath(path)
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
@@ -412,7 +413,7 @@ def container_mounts(
         source = volumes[name]
         sub_path = spec.get("subPath") or expand(spec.get("subPathExpr") or "", env)
         if sub_path:
-            source = source / _relative(sub_path, what="subPath")
+            source = source / relative_path(sub_path, what="subPath")
             if not source.exists() and not source.is_symlink():
                 source.mkdir(parents=True)
         others = [str(other["mountPath"]) for other in specs if other is not spec]
@@ -460,7 +461,7 @@ def _write_files(directory: pathlib.Path, files: Mapping[str, tuple[bytes, int]]
     """Write a Secret/ConfigMap/projected volume's files (each with its mode) under its directory."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, (data, mode) in files.items():
-        path = directory / _relative(name, what="volume item path")
+        path = directory / relative_path(name, what="volume item path")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         path.chmod(mode)
