@@ -10,12 +10,13 @@ Each container runs under bubblewrap in a root of its own: the host's top-level 
 host's programs stand in for the image's), but a private `/tmp`, `/run` and `/root` per container, as an image's
 writable layer would be — nothing written there leaks between containers or pods, and no kubeconfig of the host is
 visible. The pod's volumes are directories under the pod's logs directory, bind-mounted at each container's
-mountPaths with `subPath` and `readOnly`: emptyDir, hostPath, secret and configMap (with `items`), downwardAPI, and
-projected ones, including the ServiceAccount token volume (a TokenRequest token bound to the pod, `ca.crt`,
-`namespace`). With `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` in the environment, in-cluster clients
-reach the API server as from a real pod. `--image-bin DIR` puts a directory of programs first on every container's
-PATH (e.g. Argo's `argoexec`, which its pods run by name). Each container has its own termination-message file at
-its terminationMessagePath.
+mountPaths with `subPath` and `readOnly`: emptyDir, hostPath (also through a claim bound to a hostPath
+PersistentVolume), secret and configMap (with `items`), downwardAPI, and projected ones, including the
+ServiceAccount token volume (a TokenRequest token bound to the pod, `ca.crt`, `namespace`). With
+`KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` in the environment, in-cluster clients reach the API server as
+from a real pod. `--image-bin DIR` puts a directory of programs first on every container's PATH (e.g. Argo's
+`argoexec`, which its pods run by name). Each container has its own termination-message file at its
+terminationMessagePath.
 
 Not simulated: images (the host's `sh`/`python3` run the commands), updates to volumes after the pod started
 (token rotation, changed Secrets), cgroups and resource limits, networking (every pod has IP 127.0.0.1), probes,
@@ -946,7 +947,8 @@ def _local_volume(volume: Json, directory: pathlib.Path) -> pathlib.Path | None:
     if "hostPath" in volume:
         source = volume["hostPath"]
         path = pathlib.Path(source["path"])
-        if source.get("type") == "DirectoryOrCreate":
+        # A missing path with no type (or DirectoryOrCreate) becomes a directory, as container runtimes make it.
+        if source.get("type", "") in ("", "DirectoryOrCreate") and not path.exists():
             path.mkdir(parents=True, exist_ok=True)
         return path
     if "emptyDir" in volume:
@@ -1319,6 +1321,8 @@ class Kubelet:
 
     async def prepare_volume(self, pod: Json, volume: Json, directory: pathlib.Path) -> pathlib.Path:
         """Fill one volume's directory as a kubelet would before the containers start; return the path to mount."""
+        if "persistentVolumeClaim" in volume:
+            volume = {"name": volume["name"], **await self._claimed_volume(pod, volume["persistentVolumeClaim"])}
         local = _local_volume(volume, directory)
         if local is not None:
             return local
@@ -1340,10 +1344,26 @@ class Kubelet:
             kinds = sorted(set(volume) - {"name"})
             raise ContainerConfigError(
                 f"volume {volume['name']}: {', '.join(kinds)} is not supported by the process kubelet (it supports"
-                " emptyDir, hostPath, secret, configMap, downwardAPI and projected)"
+                " emptyDir, hostPath, secret, configMap, downwardAPI, projected, and claims bound to hostPath"
+                " PersistentVolumes)"
             )
         _write_files(directory, files)
         return directory
+
+    async def _claimed_volume(self, pod: Json, claim: Json) -> Json:
+        """The source of the PersistentVolume a claim is bound to (waiting while it is unbound)."""
+        namespace = pod["metadata"]["namespace"]
+        found = await self.api.request(
+            "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim['claimName']}"
+        )
+        name = (found.get("spec") or {}).get("volumeName")
+        if not name or (found.get("status") or {}).get("phase") != "Bound":
+            raise ContainerConfigError(f"persistentvolumeclaim {claim['claimName']!r} is not bound")
+        volume = await self.api.request("GET", f"/api/v1/persistentvolumes/{name}")
+        source = {key: value for key, value in volume["spec"].items() if key == "hostPath"}
+        if not source:
+            raise ContainerConfigError(f"persistentvolume {name!r} is not a hostPath volume")
+        return source
 
     async def _key_files(
         self, pod: Json, kind: str, name: str, source: Json, *, mode: int
