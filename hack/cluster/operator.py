@@ -23,18 +23,21 @@ import yaml
 from hack.cluster import controlplane, ports
 from stepcache import tls
 
-__all__ = ["MANIFESTS", "OperatorProcess", "install_manifests"]
+__all__ = ["CRDS", "MANIFESTS", "OperatorProcess", "install_manifests"]
 
 MANIFESTS = controlplane.REPO / "manifests"
+CRDS = controlplane.REPO / "crds"
 NAMESPACE = "stepcache-system"
 SERVICE_ACCOUNT = "stepcache"
 WEBHOOK_PATH = "/mutate-pods"
 
 
 def install_manifests(cp: controlplane.ControlPlane) -> None:
-    """Apply the namespace and RBAC exactly as shipped (the Deployment and Service need an image; not here)."""
+    """Apply the CRD, namespace and RBAC exactly as shipped (the Deployment and Service need an image; not here)."""
+    cp.kubectl("apply", "-f", str(CRDS / "cacheentry.yaml"))
     for name in ("00-namespace.yaml", "10-rbac.yaml"):
         cp.kubectl("apply", "-f", str(MANIFESTS / name))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/cacheentries.stepcache.dev")
     cp.wait_for_service_account(NAMESPACE, SERVICE_ACCOUNT)
 
 
@@ -97,6 +100,10 @@ class OperatorProcess:
             "STEPCACHE_HEALTH_PORT": str(self.health_port),
             "STEPCACHE_LOG_FORMAT": "json",
             "STEPCACHE_CACHE_IMAGE": "busybox:1.36.1",
+            # Short intervals so that tests and the demo see CacheEntry status, reconciles and expiry in seconds.
+            "STEPCACHE_STATUS_INTERVAL_SECONDS": "1",
+            "STEPCACHE_RECONCILE_INTERVAL_SECONDS": "2",
+            "STEPCACHE_EXPIRY_INTERVAL_SECONDS": "2",
             **self._extra_env,
         }
         self._process = controlplane.spawn([sys.executable, "-m", "stepcache", "run"], env=env, log_file=self._log_file)
