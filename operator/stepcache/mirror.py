@@ -131,7 +131,8 @@ class Mirror:
 
         Waits out database outages (with backoff) instead of failing: the finalizer keeps the object until this
         returns, so a deletion is delayed, never lost. Only rows of the object's own namespace (and `*` for objects in
-        the operator's namespace) are considered, and only the row with the object's key and id.
+        the operator's namespace) are considered, and only the row with the object's key and id whose object has
+        this name (so removing a stale or hand-made object never deletes a row shown by another).
         """
         metadata = body.get("metadata") or {}
         spec = body.get("spec") or {}
@@ -144,7 +145,9 @@ class Mirror:
         delay = _FIRST_DELAY
         while True:
             try:
-                deleted = await self._store.invalidate(namespaces=namespaces, cache_key=cache_key, entry_id=entry_id)
+                deleted = await self._store.invalidate(
+                    namespaces=namespaces, cache_key=cache_key, entry_id=entry_id, object_name=name
+                )
             except errors.StoreUnavailable as exc:
                 log.warning("invalidate_waiting", cacheentry=f"{namespace}/{name}", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)

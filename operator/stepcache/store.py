@@ -25,7 +25,7 @@ import asyncpg
 import asyncpg.pool
 import structlog
 
-from stepcache import errors, model
+from stepcache import cacheentry, errors, model
 
 __all__ = ["Migration", "NamespaceStats", "Removed", "Selection", "Store", "migrations"]
 
@@ -158,7 +158,10 @@ RETURNING id, namespace, cache_key, step
 """
 _PURGE_COUNT = f"SELECT count(*) FROM cache_entries WHERE {_SELECTION}"
 
-_INVALIDATE = "DELETE FROM cache_entries WHERE namespace = ANY($1::text[]) AND cache_key = $2 AND id = $3"
+# Locked, so a replacement cannot change the row's step (and so its object's name) between the check and the delete.
+_INVALIDATE_CANDIDATE = """
+SELECT step FROM cache_entries WHERE namespace = ANY($1::text[]) AND cache_key = $2 AND id = $3 FOR UPDATE
+"""
 
 _STATS = """
 SELECT e.namespace, count(*) AS entries, coalesce(sum(e.hit_count), 0)::bigint AS hits,
@@ -472,14 +475,23 @@ class Store:
 
         return [_summary(row) for row in await self._call("recently_hit", run, bound=self._maintenance_timeout)]
 
-    async def invalidate(self, *, namespaces: Sequence[str], cache_key: str, entry_id: int) -> bool:
-        """Delete the entry `entry_id` only if it has this key and one of these namespaces; False when none did."""
+    async def invalidate(self, *, namespaces: Sequence[str], cache_key: str, entry_id: int, object_name: str) -> bool:
+        """Delete the entry a CacheEntry object named `object_name` stands for; False when it stands for none.
 
-        async def run(conn: _Connection) -> str:
-            status: str = await conn.execute(_INVALIDATE, list(namespaces), cache_key, entry_id)
-            return status
+        The row must have this id and key, one of these namespaces, and be the row that object's name is derived
+        from: a row replaced by another step's result has another object by now, and deleting the old one (an
+        orphan) must not delete the row.
+        """
 
-        return _affected(await self._call("invalidate", run, bound=self._maintenance_timeout)) > 0
+        async def run(conn: _Connection) -> bool:
+            async with conn.transaction():
+                step = await conn.fetchval(_INVALIDATE_CANDIDATE, list(namespaces), cache_key, entry_id)
+                if step is None or cacheentry.object_name(step, cache_key) != object_name:
+                    return False
+                await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
+                return True
+
+        return await self._call("invalidate", run, bound=self._maintenance_timeout)
 
     async def purge_batch(self, selection: Selection, *, limit: int) -> list[Removed]:
         """Delete at most `limit` selected entries in one statement; return them (fewer than `limit`: none left).

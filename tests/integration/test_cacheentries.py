@@ -177,20 +177,44 @@ async def test_migration_0002_keeps_existing_rows_with_an_empty_step(
 # Invalidation
 
 
+NAME = f"train-{key('step')[:12]}"
+"""The object name of `new_entry()`'s row (step Job/train)."""
+
+
 async def test_invalidate_deletes_only_the_row_with_that_key_and_id_in_the_objects_namespaces(
     cache: store.Store,
 ) -> None:
     mine = await cache.record(new_entry(namespace="team-a"))
     theirs = await cache.record(new_entry(namespace="team-b", source_namespace="team-b"))
 
+    async def invalidate(cache_key: str, entry_id: int, object_name: str = NAME) -> bool:
+        return await cache.invalidate(
+            namespaces=("team-a",), cache_key=cache_key, entry_id=entry_id, object_name=object_name
+        )
+
     # An object in team-a whose spec names team-b's row (a hand-made CacheEntry) deletes nothing.
-    assert await cache.invalidate(namespaces=("team-a",), cache_key=key("step"), entry_id=theirs) is False
-    assert await cache.invalidate(namespaces=("team-a",), cache_key=key("other"), entry_id=mine) is False
-    assert await cache.invalidate(namespaces=("team-a",), cache_key=key("step"), entry_id=mine) is True
-    assert await cache.invalidate(namespaces=("team-a",), cache_key=key("step"), entry_id=mine) is False
+    assert await invalidate(key("step"), theirs) is False
+    assert await invalidate(key("other"), mine) is False
+    assert await invalidate(key("step"), mine, object_name="forged") is False
+    assert await invalidate(key("step"), mine) is True
+    assert await invalidate(key("step"), mine) is False
 
     assert await cache.summary(mine) is None
     assert await cache.summary(theirs) is not None
+
+
+async def test_removing_the_old_object_of_a_row_replaced_by_another_step_keeps_the_row(cache: store.Store) -> None:
+    entry_id = await cache.record(new_entry(step="Job/train-a", finished_at=ago(hours=1)))
+    await cache.record(new_entry(step="Job/train-b"))  # P0D or a newer result: same row, another step
+
+    def invalidate(object_name: str) -> Awaitable[bool]:
+        return cache.invalidate(
+            namespaces=("team-a",), cache_key=key("step"), entry_id=entry_id, object_name=object_name
+        )
+
+    assert await invalidate(f"train-a-{key('step')[:12]}") is False
+    assert await cache.summary(entry_id) is not None
+    assert await invalidate(f"train-b-{key('step')[:12]}") is True
 
 
 # Purge and expiry
@@ -472,7 +496,7 @@ async def test_invalidation_waits_out_a_database_outage_and_then_deletes_the_row
         await cache.migrate()
         entry_id = await cache.record(new_entry())
         view = mirror.Mirror(make_settings(), store=cache, entries=FakeEntries(), instance="t")  # type: ignore[arg-type]
-        body = {"metadata": {"namespace": "team-a", "name": "x"}, "spec": {"key": key("step"), "entryId": entry_id}}
+        body = {"metadata": {"namespace": "team-a", "name": NAME}, "spec": {"key": key("step"), "entryId": entry_id}}
 
         own_postgres.stop()
         with structlog.testing.capture_logs() as logged:

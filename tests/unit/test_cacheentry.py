@@ -256,6 +256,23 @@ def test_every_field_the_builder_writes_is_in_the_crd_schema() -> None:
     assert declared(schema, {"spec": built["spec"], "status": built["status"]}) == []
 
 
+_OPENAPI_KEYWORDS = {"type", "format", "description", "pattern", "items", "properties", "required"}
+
+
+def keywords(schema: dict[str, Any], path: str = "") -> list[str]:
+    """Keys of schema nodes that are not OpenAPI keywords (a YAML slip such as an unquoted comma makes one)."""
+    wrong = [f"{path}:{name}" for name in schema if name not in _OPENAPI_KEYWORDS]
+    for name, sub in (schema.get("properties") or {}).items():
+        wrong += keywords(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        wrong += keywords(schema["items"], f"{path}[]")
+    return wrong
+
+
+def test_the_crd_schema_holds_only_openapi_keywords() -> None:
+    assert keywords(crd_version()["schema"]["openAPIV3Schema"]) == []
+
+
 def test_the_spec_shows_output_sizes_and_key_fields_but_no_values() -> None:
     entry = summary(key_fields={"scheme": "stepcache/v2", "env": [{"name": "TOKEN", "value": "s3cret"}], "n": 1.5})
     spec = cacheentry.spec(entry)
