@@ -18,8 +18,11 @@ from stepcache import argo, model
 
 __all__ = [
     "API_VERSION",
+    "CACHE_ID_LABEL",
+    "CLUSTER_SCOPE",
     "FINALIZER",
     "GROUP",
+    "HIT_LABEL",
     "HIT_REASON",
     "KIND",
     "MANAGED_BY",
@@ -43,6 +46,7 @@ __all__ = [
     "recorded_message",
     "rfc3339",
     "row_namespaces",
+    "served_pod",
     "spec",
     "status",
     "step_of",
@@ -355,6 +359,43 @@ class PodRef:
     namespace: str
     name: str
     uid: str
+
+
+HIT_LABEL = "stepcache.dev/hit"
+CACHE_ID_LABEL = "stepcache.dev/cache-id"
+
+
+def served_pod(
+    pod: Mapping[str, Any], *, now: datetime.datetime, window: datetime.timedelta
+) -> tuple[PodRef, int] | None:
+    """A pod to post `CacheHit` on, and the id of the entry that served it; None for any other pod.
+
+    Only pods labelled as hits with a numeric cache-id, not being deleted, created within `window` of `now`.
+    """
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    entry_id = str(labels.get(CACHE_ID_LABEL) or "")
+    if labels.get(HIT_LABEL) != "true" or not entry_id.isdigit() or not metadata.get("uid"):
+        return None
+    if metadata.get("deletionTimestamp"):
+        return None
+    created = _parse_time(metadata.get("creationTimestamp"))
+    if created is not None and now - created > window:
+        return None
+    ref = PodRef(
+        namespace=str(metadata.get("namespace") or ""), name=str(metadata.get("name") or ""), uid=str(metadata["uid"])
+    )
+    return ref, int(entry_id)
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
 
 
 def event_name(pod: PodRef, *, reason: str) -> str:

@@ -32,9 +32,6 @@ __all__ = ["Mirror"]
 
 log = logs.get(__name__)
 
-HIT_LABEL = "stepcache.dev/hit"
-CACHE_ID_LABEL = "stepcache.dev/cache-id"
-
 _CONCURRENCY = 8
 """API requests in flight at once for one pass (a reconcile after a long outage may create thousands of objects)."""
 _EXPIRY_BATCH = 500
@@ -298,7 +295,7 @@ class Mirror:
         try:
             while True:
                 try:
-                    async for kind, pod in self._entries.watch_pods(label_selector=f"{HIT_LABEL}=true"):
+                    async for kind, pod in self._entries.watch_pods(label_selector=f"{cacheentry.HIT_LABEL}=true"):
                         delay = _FIRST_DELAY
                         if kind == "DELETED":
                             self._hit_pods.pop(str((pod.get("metadata") or {}).get("uid") or ""), None)
@@ -318,17 +315,12 @@ class Mirror:
             await asyncio.gather(*workers, return_exceptions=True)
 
     def _new_hit(self, pod: Mapping[str, Any]) -> tuple[cacheentry.PodRef, int] | None:
-        """The pod and its entry id, the first time a recent hit pod is seen; None otherwise."""
-        metadata = pod.get("metadata") or {}
-        labels = metadata.get("labels") or {}
-        uid = str(metadata.get("uid") or "")
-        entry_id = str(labels.get(CACHE_ID_LABEL) or "")
-        if labels.get(HIT_LABEL) != "true" or not uid or not entry_id.isdigit() or uid in self._hit_pods:
+        """The pod and its entry id, the first time this process sees a recent hit pod; None otherwise."""
+        found = cacheentry.served_pod(pod, now=datetime.datetime.now(datetime.UTC), window=_HIT_EVENT_WINDOW)
+        if found is None or found[0].uid in self._hit_pods:
             return None
-        if metadata.get("deletionTimestamp") or _older_than(metadata.get("creationTimestamp"), _HIT_EVENT_WINDOW):
-            return None
-        self._remember(uid)
-        return _pod_ref(pod), int(entry_id)
+        self._remember(found[0].uid)
+        return found
 
     def _remember(self, uid: str) -> None:
         self._hit_pods[uid] = None
@@ -389,18 +381,6 @@ def _pod_ref(pod: Mapping[str, Any]) -> cacheentry.PodRef:
         name=str(metadata.get("name") or ""),
         uid=str(metadata.get("uid") or ""),
     )
-
-
-def _older_than(stamp: Any, age: datetime.timedelta) -> bool:
-    if not isinstance(stamp, str):
-        return False
-    try:
-        created = datetime.datetime.fromisoformat(stamp)
-    except ValueError:
-        return False
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=datetime.UTC)
-    return datetime.datetime.now(datetime.UTC) - created > age
 
 
 async def _bounded(calls: Iterable[Awaitable[bool]]) -> int:

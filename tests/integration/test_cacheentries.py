@@ -8,6 +8,7 @@ server is the e2e tests' business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -310,6 +311,7 @@ class FakeEntries:
         self.events: dict[tuple[str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
         self.version = 0
+        self.pod_events = []
 
     def _bump(self, obj: dict[str, Any]) -> None:
         self.version += 1
@@ -371,6 +373,15 @@ class FakeEntries:
 
     def writes(self, operation: str) -> int:
         return sum(1 for op, _ in self.calls if op == operation)
+
+    pod_events: list[tuple[str, dict[str, Any]]]
+
+    async def watch_pods(self, *, label_selector: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Deliver `pod_events`, then stay silent as a quiet watch does."""
+        self.calls.append(("watch", label_selector))
+        for event in self.pod_events:
+            yield event
+        await asyncio.Event().wait()
 
 
 @dataclasses.dataclass
@@ -515,8 +526,44 @@ async def test_invalidation_waits_out_a_database_outage_and_then_deletes_the_row
         await cache.close()
 
 
+def hit_pod(name: str, *, entry_id: int, created: datetime.datetime, hit: str = "true") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "team-a",
+            "name": name,
+            "uid": f"uid-{name}",
+            "creationTimestamp": cacheentry.rfc3339(created),
+            "labels": {"stepcache.dev/hit": hit, "stepcache.dev/cache-id": str(entry_id)},
+        }
+    }
+
+
+async def test_the_hit_watch_posts_cachehit_once_per_served_pod(mirrored: MirrorUnderTest) -> None:
+    entry_id = await mirrored.cache.record(new_entry())
+    now = datetime.datetime.now(datetime.UTC)
+    mirrored.fake.pod_events = [
+        ("LISTED", hit_pod("served", entry_id=entry_id, created=now)),
+        ("MODIFIED", hit_pod("served", entry_id=entry_id, created=now)),  # its status changed: not posted again
+        ("LISTED", hit_pod("long-ago", entry_id=entry_id, created=now - datetime.timedelta(hours=2))),
+        ("ADDED", hit_pod("later", entry_id=entry_id, created=now)),
+    ]
+    watching = asyncio.create_task(mirrored.mirror.hit_events_forever())
+    try:
+
+        async def posted() -> set[str]:
+            return {e["involvedObject"]["name"] for e in mirrored.fake.events.values()}
+
+        assert await eventually(posted, lambda names: {"served", "later"} <= names) == {"served", "later"}
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    assert ("watch", "stepcache.dev/hit=true") in mirrored.fake.calls
+    assert mirrored.fake.writes("event") == 2  # one attempt per pod: the MODIFIED copy was never queued
+
+
 def test_the_fake_has_every_method_the_mirror_calls() -> None:
-    for name in ("create", "get", "replace_spec", "patch_status", "delete", "list_all", "create_event"):
+    for name in ("create", "get", "replace_spec", "patch_status", "delete", "list_all", "create_event", "watch_pods"):
         assert callable(getattr(entries.Entries, name)), name
         assert callable(getattr(FakeEntries, name)), name
 

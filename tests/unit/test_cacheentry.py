@@ -471,3 +471,40 @@ def test_a_recorded_event_says_where_the_result_went() -> None:
         "result stored as cache entry train-x7k2p-3f2a9c1b4d5e (id 7, key 3f2a9c1b4d5e): 2 outputs, 13 bytes; "
         "identical pods will be served from it"
     )
+
+
+NOW = datetime.datetime(2025, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
+HOUR = datetime.timedelta(hours=1)
+
+
+def served(**metadata: Any) -> dict[str, Any]:
+    base = {
+        "namespace": "pipelines",
+        "name": "train-hit",
+        "uid": "uid-1",
+        "creationTimestamp": "2025-03-01T11:59:30Z",
+        "labels": {"stepcache.dev/hit": "true", "stepcache.dev/cache-id": "7"},
+    }
+    return {"metadata": {**base, **metadata}}
+
+
+def test_a_recent_hit_pod_is_announced_with_the_entry_that_served_it() -> None:
+    assert cacheentry.served_pod(served(), now=NOW, window=HOUR) == (
+        cacheentry.PodRef(namespace="pipelines", name="train-hit", uid="uid-1"),
+        7,
+    )
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"creationTimestamp": "2025-03-01T10:59:59Z"},  # older than the window: its Event would have expired
+        {"deletionTimestamp": "2025-03-01T12:00:00Z"},
+        {"labels": {"stepcache.dev/hit": "false", "stepcache.dev/cache-id": "7"}},
+        {"labels": {"stepcache.dev/hit": "true", "stepcache.dev/cache-id": ""}},
+        {"labels": {"stepcache.dev/hit": "true", "stepcache.dev/cache-id": "7; drop"}},
+        {"uid": ""},
+    ],
+)
+def test_other_pods_are_not_announced(metadata: dict[str, Any]) -> None:
+    assert cacheentry.served_pod(served(**metadata), now=NOW, window=HOUR) is None
