@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_schedulable(cp, kubelet, NODE)
         say("process kubelet: node demo-node is Ready")
         operator_harness.install_manifests(cp)
-        operator = operator_harness.OperatorProcess(cp, database_url=db.url, workdir=work / "operator")
+        operator = operator_harness.OperatorProcess(
+            cp, database_url=db.url, workdir=work / "operator", env=operator_harness.FAST_MIRROR
+        )
         operator.start()
         operator.register_webhook()
         say("stepcache: operator running as its ServiceAccount, webhook registered")

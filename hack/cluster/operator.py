@@ -23,13 +23,20 @@ import yaml
 from hack.cluster import controlplane, ports
 from stepcache import tls
 
-__all__ = ["CRDS", "MANIFESTS", "OperatorProcess", "install_manifests"]
+__all__ = ["CRDS", "FAST_MIRROR", "MANIFESTS", "OperatorProcess", "install_manifests"]
 
 MANIFESTS = controlplane.REPO / "manifests"
 CRDS = controlplane.REPO / "crds"
 NAMESPACE = "stepcache-system"
 SERVICE_ACCOUNT = "stepcache"
 WEBHOOK_PATH = "/mutate-pods"
+FAST_MIRROR = {
+    "STEPCACHE_STATUS_INTERVAL_SECONDS": "1",
+    "STEPCACHE_RECONCILE_INTERVAL_SECONDS": "2",
+    "STEPCACHE_EXPIRY_INTERVAL_SECONDS": "2",
+}
+"""Settings for tests and the demo: CacheEntry status, reconciles and expiry within seconds (benchmarks keep the
+production defaults)."""
 
 
 def install_manifests(cp: controlplane.ControlPlane) -> None:
@@ -100,10 +107,6 @@ class OperatorProcess:
             "STEPCACHE_HEALTH_PORT": str(self.health_port),
             "STEPCACHE_LOG_FORMAT": "json",
             "STEPCACHE_CACHE_IMAGE": "busybox:1.36.1",
-            # Short intervals so that tests and the demo see CacheEntry status, reconciles and expiry in seconds.
-            "STEPCACHE_STATUS_INTERVAL_SECONDS": "1",
-            "STEPCACHE_RECONCILE_INTERVAL_SECONDS": "2",
-            "STEPCACHE_EXPIRY_INTERVAL_SECONDS": "2",
             **self._extra_env,
         }
         self._process = controlplane.spawn([sys.executable, "-m", "stepcache", "run"], env=env, log_file=self._log_file)
