@@ -7,7 +7,10 @@ import prometheus_client
 __all__ = [
     "ADMISSIONS",
     "ADMISSION_FAILURES",
+    "CACHEENTRY_WRITES",
+    "EVENTS",
     "EXPIRED",
+    "INVALIDATED",
     "RECORDED",
     "RECORD_REJECTED",
     "RECORD_RETRIES",
@@ -26,6 +29,13 @@ RECORD_RETRIES = prometheus_client.Counter(
     "stepcache_record_retries", "Recordings put back on the retry queue, by reason.", ["reason"]
 )
 EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
+INVALIDATED = prometheus_client.Counter(
+    "stepcache_invalidated", "Entries deleted through their CacheEntry object (kubectl delete ce)."
+)
+CACHEENTRY_WRITES = prometheus_client.Counter(
+    "stepcache_cacheentry_writes", "Writes to CacheEntry objects, by operation.", ["operation"]
+)
+EVENTS = prometheus_client.Counter("stepcache_events", "Kubernetes Events posted on pods, by reason.", ["reason"])
 
 
 def start_server(port: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import config, keys, kube, mutation, store
+from stepcache import config, keys, kube, mirror, mutation, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -40,3 +40,5 @@ class Runtime:
     namespaces: OptedInNamespaces
     key_options: keys.KeyOptions
     replay_options: mutation.ReplayOptions
+    mirror: mirror.Mirror | None = None
+    """CacheEntry objects and Events; None where no cluster-side view is wanted (unit tests)."""
