@@ -84,11 +84,15 @@ Condition = Literal[
     "argo-per-run-env",
     "unmounted-volume",
     "token-volume",
+    "token-volume-mount",
 ]
 
 CONDITIONS: Mapping[Condition, str] = {
     "always": "always",
-    "unless-key-service-account": "unless `STEPCACHE_KEY_SERVICE_ACCOUNT=true` (then keyed as `serviceAccount`)",
+    "unless-key-service-account": (
+        "unless `STEPCACHE_KEY_SERVICE_ACCOUNT=true` (then the account is keyed as `serviceAccount`, "
+        "`automountServiceAccountToken` as written)"
+    ),
     "ignored-env": "its name is listed in the pod's `stepcache.dev/ignore-env` annotation",
     "argo-per-run-env": (
         "the pod is an Argo pod and its name is one of "
@@ -100,6 +104,7 @@ CONDITIONS: Mapping[Condition, str] = {
         "`serviceAccountToken`, and at most key `ca.crt` of ConfigMap `kube-root-ca.crt` and the downward API's "
         "`metadata.namespace` (and nothing else but a `defaultMode`)"
     ),
+    "token-volume-mount": "it mounts a ServiceAccount token volume (as in the row above)",
 }
 """When a conditional exclusion applies, in the words docs/trust.md shows."""
 
@@ -203,14 +208,14 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         path="spec.volumes[*]",
         reason=(
             "a per-pod credential that expires; the CA and the namespace it also shows are the same for every pod "
-            "of the scope. Its mounts go with it"
+            "of the scope"
         ),
         when="token-volume",
     ),
     Exclusion(
         path=f"{_CONTAINERS}.volumeMounts[*]",
-        reason="a mount of the ServiceAccount token volume (see above)",
-        when="token-volume",
+        reason="the token volume goes with its mounts, wherever they are",
+        when="token-volume-mount",
     ),
 )
 """Everything the key leaves out. Nothing else decides: a field not covered here is keyed."""

@@ -252,11 +252,11 @@ def condition_holds(when: str, path: Path, before: Mapping[str, Any], after: Map
             if not isinstance(volume, Mapping) or volume.get("name") in mounted(pod):
                 return False
         return True
-    if when == "token-volume":
+    if when in ("token-volume", "token-volume-mount"):
         # Renaming the volume would also change which mounts are its own, and those are keyed once they are not.
         if token_mounts(before) != token_mounts(after):
             return False
-        if path[:2] == ("spec", "volumes"):
+        if when == "token-volume":
             return all(token_shaped(volume_at(pod, path)) for pod in (before, after))
         return all(mount_of_token(pod, path) for pod in (before, after))
     raise AssertionError(f"this test does not know condition {when!r}: teach it")
