@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import yaml
 
-from stepcache import config, errors, keys, logs, staleness
+from stepcache import config, errors, keys, logs, references, staleness
 
 if TYPE_CHECKING:
     from stepcache import store
@@ -109,7 +109,12 @@ def _key_options() -> keys.KeyOptions:
     env = dict(os.environ)
     env.setdefault("STEPCACHE_DATABASE_URL", "postgresql://unused")
     settings = config.Settings.from_env(env)
-    return keys.KeyOptions(scope=settings.scope, salt=settings.salt, key_service_account=settings.key_service_account)
+    return keys.KeyOptions(
+        scope=settings.scope,
+        salt=settings.salt,
+        key_service_account=settings.key_service_account,
+        key_secret_content=settings.key_secret_content,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -143,9 +148,12 @@ def _load_pod(source: str, stdin: TextIO = sys.stdin) -> dict[str, Any]:
 
 
 def _compute(pod: Mapping[str, Any], namespace: str | None) -> keys.Key:
+    """The key as far as a pod file shows it: the command sees no cluster, so ConfigMap (and Secret) content is not
+    in it and the material says `"configMapContent": "unresolved"` — this is never the operator's key for a pod
+    that reads a ConfigMap, but it is the same for two pods that differ only in what the cluster holds."""
     ns = namespace or (pod.get("metadata") or {}).get("namespace") or "default"
     try:
-        return keys.compute(pod, namespace=ns, options=_key_options())
+        return keys.compute(pod, namespace=ns, options=_key_options(), references=references.Unresolved())
     except errors.Uncacheable as exc:
         raise _UsageError(f"the pod cannot be cached: {exc.reason}") from None
 

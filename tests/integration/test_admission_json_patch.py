@@ -21,11 +21,13 @@ import aiohttp
 import jsonpatch
 import pytest
 
-from stepcache import keys, model, mutation, patches, signing, store
+from stepcache import keys, model, mutation, patches, references, signing, store
 from tests.integration import operator_harness as harness
 
 NAMESPACE = "team-a"
 IMAGE = "busybox@sha256:9ae97d36d26566ff84e8893c64a6dc4fe8ca6d1144bf5b87b2b85a32def253c7"
+NO_REFERENCES = references.ReferenceView()
+"""The pod below reads no ConfigMap: any view keys it the same."""
 
 
 def true_pod() -> dict[str, Any]:
@@ -53,14 +55,14 @@ def ops_of(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def signed_for(pod: dict[str, Any]) -> mutation.Signed:
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=NO_REFERENCES)
     containers = ",".join(key.containers)
     signature = signing.signature(harness.SIGNING_KEY, namespace=NAMESPACE, key=key.value, key_containers=containers)
     return mutation.Signed(key=key.value, key_containers=key.containers, signature=signature)
 
 
 async def stored_entry(cache: store.Store, pod: dict[str, Any]) -> model.CachedEntry:
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=NO_REFERENCES)
     finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     await cache.record(
         model.NewEntry(

@@ -21,7 +21,7 @@ import prometheus_client
 import pytest
 import yaml
 
-from stepcache import keys, mutation, outputs, signing, store
+from stepcache import keys, mutation, outputs, references, signing, store
 from tests.integration import operator_harness as harness
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
@@ -30,6 +30,9 @@ FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
 NAMESPACE = "team-a"
 MESSAGE = '{"accuracy": 0.93, "model": "s3://models/train/42"}\n'
 LABEL_PATH = "/metadata/labels/stepcache.dev~1cache-id"
+REFERENCES = references.ReferenceView()
+REFERENCES.put_configmap(NAMESPACE, "train-config", data={"epochs": "10"}, binary_data=None)
+"""What the operator's view must know of the ConfigMap job-pod.yaml reads, for these keys to be the operator's."""
 
 
 def succeeded_pod(name: str, *, version: str = "") -> dict[str, Any]:
@@ -41,7 +44,7 @@ def succeeded_pod(name: str, *, version: str = "") -> dict[str, Any]:
     pod["metadata"].update(name=name, uid=str(uuid.uuid4()))
     if version:
         pod["metadata"]["annotations"][keys.VERSION_ANNOTATION] = version
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=REFERENCES)
     containers = ",".join(key.containers)
     signed = mutation.Signed(
         key=key.value,
@@ -224,7 +227,9 @@ async def test_a_pod_whose_row_was_written_but_never_labelled_gets_that_row_s_id
 ) -> None:
     pod = succeeded_pod("train-29sl4-x7k2m")
     # An operator that wrote the row and stopped before the label: the pod is still delivered as unrecorded.
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), containers=keys.key_containers(pod))
+    key = keys.compute(
+        pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=REFERENCES, containers=keys.key_containers(pod)
+    )
     entry = outputs.new_entry(pod, cache_key=key.value, key_material=key.material, task_result=None)
     entry_id = await cache.record(entry)
 

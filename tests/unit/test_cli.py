@@ -59,8 +59,10 @@ def test_key_namespace_option_changes_the_key() -> None:
 def test_key_material_is_canonical_json() -> None:
     result = stepcache("key", str(POD), "--material")
     material = json.loads(result.stdout)
-    assert material["scheme"] == "stepcache/v1"
+    assert material["scheme"] == "stepcache/v2"
     assert material["scope"] == "ml"
+    assert material["configMapContent"] == "unresolved"
+    assert material["containers"][0]["envFrom"] == [{"configMapRef": {"name": "train-env"}}]
     assert result.stdout.strip() == json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
