@@ -39,6 +39,8 @@ class Settings:
     cache_image: str = "busybox:1.36.1"
     keep_node_constraints: bool = False
     key_service_account: bool = False
+    key_secret_content: bool = False
+    """Key referenced Secrets by an HMAC of their data too (needs list/watch on Secrets cluster-wide)."""
     require_digest: bool = False
     signing_key_file: pathlib.Path | None = None
     namespace: str = "stepcache-system"
@@ -84,6 +86,7 @@ class Settings:
             cache_image=env.nonempty("STEPCACHE_CACHE_IMAGE", defaults.cache_image),
             keep_node_constraints=env.flag("STEPCACHE_KEEP_NODE_CONSTRAINTS", defaults.keep_node_constraints),
             key_service_account=env.flag("STEPCACHE_KEY_SERVICE_ACCOUNT", defaults.key_service_account),
+            key_secret_content=env.flag("STEPCACHE_KEY_SECRET_CONTENT", defaults.key_secret_content),
             require_digest=env.flag("STEPCACHE_REQUIRE_DIGEST", defaults.require_digest),
             signing_key_file=pathlib.Path(signing_key_file) if signing_key_file else None,
             namespace=env.nonempty("STEPCACHE_NAMESPACE", defaults.namespace),

@@ -54,11 +54,23 @@ class Kube:
             {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "add", "path": f"/metadata/labels/{escaped}", "value": str(entry_id)},
         ]
+        return await self._json_patch_pod(namespace=namespace, name=name, body=body)
+
+    async def clear_cache_id(self, *, namespace: str, name: str, uid: str) -> bool:
+        """Remove the pod's cache-id label (a rejected pod leaves the recorder's watch); False when already gone."""
+        escaped = mutation.CACHE_ID.replace("~", "~0").replace("/", "~1")
+        body = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "remove", "path": f"/metadata/labels/{escaped}"},
+        ]
+        return await self._json_patch_pod(namespace=namespace, name=name, body=body)
+
+    async def _json_patch_pod(self, *, namespace: str, name: str, body: list[dict[str, Any]]) -> bool:
         # The response is not turned into a V1Pod: that would add client-side validation that can fail on a pod the
         # API server accepted, leaving a recorded pod unlabelled.
         response: Any = await self._core.patch_namespaced_pod(name, namespace, body, _preload_content=False)
         try:
-            if response.status in (404, 422):  # gone, or the uid test failed: not our pod any more
+            if response.status in (404, 422):  # gone, the uid test failed, or nothing to remove: not ours to change
                 return False
             if not 200 <= response.status <= 299:
                 raise ApiException(status=response.status, reason=await response.text())
@@ -70,6 +82,16 @@ class Kube:
         """Names of the namespaces labelled `stepcache.dev/enabled=true` right now (one LIST, at start)."""
         listed = await self._core.list_namespace(label_selector=f"{keys.ENABLED_LABEL}=true")
         return [ns.metadata.name for ns in listed.items]
+
+    async def configmaps(self, *, namespace: str) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+        """The namespace's ConfigMaps as (name, data, binaryData), for the key's view of what they hold."""
+        listed = await self._core.list_namespaced_config_map(namespace)
+        return [(cm.metadata.name, dict(cm.data or {}), dict(cm.binary_data or {})) for cm in listed.items]
+
+    async def secrets(self, *, namespace: str) -> list[tuple[str, dict[str, str]]]:
+        """The namespace's Secrets as (name, base64 data); only with STEPCACHE_KEY_SECRET_CONTENT."""
+        listed = await self._core.list_namespaced_secret(namespace)
+        return [(secret.metadata.name, dict(secret.data or {})) for secret in listed.items]
 
     async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:
         """Argo's WorkflowTaskResult for a node, or None when it (or its CRD) does not exist."""

@@ -9,6 +9,7 @@ __all__ = [
     "ADMISSION_FAILURES",
     "EXPIRED",
     "RECORDED",
+    "RECORD_GIVEN_UP",
     "RECORD_REJECTED",
     "RECORD_RETRIES",
     "start_server",
@@ -21,6 +22,11 @@ ADMISSION_FAILURES = prometheus_client.Counter(
 RECORDED = prometheus_client.Counter("stepcache_recorded", "Succeeded pods recorded as cache entries.")
 RECORD_REJECTED = prometheus_client.Counter(
     "stepcache_record_rejected", "Succeeded pods not recorded, by reason.", ["reason"]
+)
+RECORD_GIVEN_UP = prometheus_client.Counter(
+    "stepcache_record_given_up",
+    "Succeeded pods left unrecorded after their retries ran out (re-examined at the next start), by reason.",
+    ["reason"],
 )
 RECORD_RETRIES = prometheus_client.Counter(
     "stepcache_record_retries", "Recordings put back on the retry queue, by reason.", ["reason"]

@@ -21,6 +21,7 @@ __all__ = [
     "new_entry",
     "task_result_complete",
     "task_result_name",
+    "task_result_of",
     "termination_messages",
 ]
 
@@ -70,6 +71,35 @@ def task_result_complete(task_result: Mapping[str, Any]) -> bool:
     """True once Argo's `wait` container has finished reporting into this WorkflowTaskResult."""
     labels = (task_result.get("metadata") or {}).get("labels") or {}
     return bool(labels.get(REPORT_OUTPUTS_COMPLETED) == "true")
+
+
+WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
+"""Label Argo puts on a step's pods and WorkflowTaskResults: the workflow's name."""
+
+
+def task_result_of(task_result: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
+    """Whether a WorkflowTaskResult was reported for the pod's own workflow.
+
+    Its name is the pod's node id, which the pod's creator chose; the workflow label, and the owning Workflow when
+    both name one, must agree too, so a result reported for another workflow is never taken as this pod's.
+    """
+    pod_metadata = pod.get("metadata") or {}
+    result_metadata = task_result.get("metadata") or {}
+    if (pod_metadata.get("labels") or {}).get(WORKFLOW_LABEL) != (result_metadata.get("labels") or {}).get(
+        WORKFLOW_LABEL
+    ):
+        return False
+    pod_owners = _workflow_owners(pod_metadata)
+    result_owners = _workflow_owners(result_metadata)
+    return not (pod_owners and result_owners) or bool(pod_owners & result_owners)
+
+
+def _workflow_owners(metadata: Mapping[str, Any]) -> set[str]:
+    return {
+        str(owner.get("uid"))
+        for owner in metadata.get("ownerReferences") or []
+        if isinstance(owner, Mapping) and owner.get("kind") == "Workflow" and owner.get("uid")
+    }
 
 
 def new_entry(

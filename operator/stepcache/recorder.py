@@ -2,8 +2,12 @@
 
 kopf's own retries cannot fire here (its storages write nothing to pods, so nothing wakes a failed handler), so a
 pod that cannot be recorded yet — database down, Argo outputs not reported yet — waits on a bounded in-process
-queue with exponential backoff. A restart loses nothing: the re-LIST delivers every Succeeded pod whose cache-id
-label is still empty.
+queue with exponential backoff. A restart re-examines every Succeeded pod whose cache-id label is still empty.
+
+A pod is recorded only when everything about it can be trusted: its key annotations carry a valid signature, the key
+recomputed from the pod as it is now equals the signed one, and its container statuses show that every keyed
+container ran the keyed image. A pod that fails any of these is rejected for good: its cache-id label is removed, so
+it leaves the recorder's watch and is never re-examined into a record later.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from stepcache import argo, errors, keys, logs, metrics, mutation, outputs, runtime, signing
+from stepcache import argo, errors, execution, keys, logs, metrics, mutation, outputs, runtime, signing
 
 __all__ = ["Recorder"]
 
@@ -28,6 +32,14 @@ _ARGO_OUTPUT_ATTEMPTS = 10
 
 
 class _RetryLater(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _GiveUp(Exception):
+    """Not recordable now and not worth more retries; the pod keeps its empty cache-id (a restart looks again)."""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -95,6 +107,10 @@ class Recorder:
         except _RetryLater as exc:
             self._schedule(pod, attempt=attempt, reason=exc.reason)
             return
+        except _GiveUp as exc:
+            metrics.RECORD_GIVEN_UP.labels(reason=exc.reason).inc()
+            log.warning("record_given_up", pod=ref, reason=exc.reason, attempt=attempt)
+            return
         except Exception as exc:
             metrics.RECORD_REJECTED.labels(reason="internal-error").inc()
             log.exception("record_failed", pod=ref, error=repr(exc))
@@ -137,8 +153,11 @@ class Recorder:
         key_containers = annotations.get(mutation.KEY_CONTAINERS, "")
         key = _verified_key(rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers)
         if isinstance(key, str):
-            metrics.RECORD_REJECTED.labels(reason=key).inc()
-            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=key)
+            await self._reject(pod, reason=key)
+            return None
+        not_as_keyed = execution.why_not_as_keyed(pod, key.containers)
+        if not_as_keyed is not None:
+            await self._reject(pod, reason=not_as_keyed)
             return None
         try:
             task_result = await self._argo_task_result(pod, attempt=attempt)
@@ -148,8 +167,7 @@ class Recorder:
             log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("store-unavailable") from exc
         except errors.Uncacheable as exc:
-            metrics.RECORD_REJECTED.labels(reason="uncacheable").inc()
-            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=exc.reason)
+            await self._reject(pod, reason="uncacheable", detail=exc.reason)
             return None
         metrics.RECORDED.inc()
         try:
@@ -161,6 +179,19 @@ class Recorder:
             log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("label-failed") from exc
         return entry_id
+
+    async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
+        """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""
+        metadata = pod.get("metadata") or {}
+        namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
+        metrics.RECORD_REJECTED.labels(reason=reason).inc()
+        log.warning("record_rejected", pod=f"{namespace}/{name}", reason=reason, detail=detail)
+        try:
+            await self._rt.kube.clear_cache_id(namespace=namespace, name=name, uid=metadata.get("uid", ""))
+        except (ApiException, OSError) as exc:
+            # Still labelled: rejected again on the next delivery, which costs a check and writes nothing.
+            log.warning("unlabel_failed", pod=f"{namespace}/{name}", error=str(exc))
+            raise _RetryLater("unlabel-failed") from exc
 
     async def _argo_task_result(self, pod: Mapping[str, Any], *, attempt: int) -> dict[str, Any] | None:
         """Argo >= 3.6 reports outputs only in a WorkflowTaskResult; wait for it to be complete."""
@@ -177,11 +208,15 @@ class Recorder:
             except (ApiException, OSError) as exc:
                 raise _RetryLater("argo-task-result-unreadable") from exc
         if result is not None and outputs.task_result_complete(result):
+            if not outputs.task_result_of(result, pod):
+                raise errors.Uncacheable("the WorkflowTaskResult belongs to another workflow than the pod")
             return result
         if argo.OUTPUTS_ANNOTATION in annotations:
-            return None  # older Argo: outputs are on the pod itself
+            # Older Argo: outputs on the pod itself. The webhook removes this annotation at CREATE, so one that is
+            # present now was written after admission, by Argo's `wait`.
+            return None
         if attempt + 1 >= _ARGO_OUTPUT_ATTEMPTS:
-            raise errors.Uncacheable("Argo outputs were never reported complete")
+            raise _GiveUp("argo-outputs-never-completed")
         raise _RetryLater("argo-outputs-pending")
 
 
@@ -205,10 +240,14 @@ def _verified_key(
         return "bad-signature"
     try:
         recomputed = keys.compute(
-            pod, namespace=namespace, options=rt.key_options, containers=key_containers.split(",")
+            pod,
+            namespace=namespace,
+            options=rt.key_options,
+            containers=key_containers.split(","),
+            references=rt.references,
         )
     except errors.Uncacheable:
-        return "key-containers-missing"
+        return "not-keyable"  # a key container is gone, or a referenced ConfigMap is unknown now
     if recomputed.value != key_value:
         return "key-mismatch"
     return recomputed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import config, keys, kube, mutation, store
+from stepcache import config, keys, kube, mutation, references, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -40,3 +40,5 @@ class Runtime:
     namespaces: OptedInNamespaces
     key_options: keys.KeyOptions
     replay_options: mutation.ReplayOptions
+    references: references.ReferenceView
+    """Digests of the ConfigMaps (and, with STEPCACHE_KEY_SECRET_CONTENT, Secrets) of opted-in namespaces."""
