@@ -80,8 +80,9 @@ WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
 def task_result_of(task_result: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
     """Whether a WorkflowTaskResult was reported for the pod's own workflow.
 
-    Its name is the pod's node id, which the pod's creator chose; the workflow label, and the owning Workflow when
-    both name one, must agree too, so a result reported for another workflow is never taken as this pod's.
+    Its name is the pod's node id, which the pod's creator chose; so the workflow label must agree too, a result
+    owned by a pod (Argo 3.5–3.6) must be owned by this one, and a result owned by a Workflow (Argo ≥ 3.7) by the
+    pod's own Workflow. A result reported for another pod or workflow is never taken as this pod's.
     """
     pod_metadata = pod.get("metadata") or {}
     result_metadata = task_result.get("metadata") or {}
@@ -89,16 +90,19 @@ def task_result_of(task_result: Mapping[str, Any], pod: Mapping[str, Any]) -> bo
         WORKFLOW_LABEL
     ):
         return False
-    pod_owners = _workflow_owners(pod_metadata)
-    result_owners = _workflow_owners(result_metadata)
-    return not (pod_owners and result_owners) or bool(pod_owners & result_owners)
+    owning_pods = _owners(result_metadata, kind="Pod")
+    if owning_pods and pod_metadata.get("uid") not in owning_pods:
+        return False
+    pod_workflows = _owners(pod_metadata, kind="Workflow")
+    result_workflows = _owners(result_metadata, kind="Workflow")
+    return not (pod_workflows and result_workflows) or bool(pod_workflows & result_workflows)
 
 
-def _workflow_owners(metadata: Mapping[str, Any]) -> set[str]:
+def _owners(metadata: Mapping[str, Any], *, kind: str) -> set[str]:
     return {
         str(owner.get("uid"))
         for owner in metadata.get("ownerReferences") or []
-        if isinstance(owner, Mapping) and owner.get("kind") == "Workflow" and owner.get("uid")
+        if isinstance(owner, Mapping) and owner.get("kind") == kind and owner.get("uid")
     }
 
 
