@@ -7,8 +7,10 @@ a different pod that reused the name.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets as pysecrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -77,6 +79,43 @@ class Kube:
         finally:
             response.release()
         return True
+
+    async def read_pod(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod as raw JSON (no client-side model), or None when it is gone."""
+        response: Any = await self._core.read_namespaced_pod(name, namespace, _preload_content=False)
+        try:
+            if response.status == 404:
+                return None
+            if not 200 <= response.status <= 299:
+                raise ApiException(status=response.status, reason=await response.text())
+            pod: dict[str, Any] = json.loads(await response.read())
+        finally:
+            response.release()
+        return pod
+
+    async def unrecorded_succeeded_pods(self, *, page_size: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every Succeeded pod whose cache-id label is still empty, selected by the API server, page by page."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "label_selector": f"{mutation.CACHE_ID}=",
+                "field_selector": "status.phase=Succeeded",
+                "limit": page_size,
+            }
+            if token:
+                kwargs["_continue"] = token
+            response: Any = await self._core.list_pod_for_all_namespaces(**kwargs, _preload_content=False)
+            try:
+                if not 200 <= response.status <= 299:
+                    raise ApiException(status=response.status, reason=await response.text())
+                page = json.loads(await response.read())
+            finally:
+                response.release()
+            for pod in page.get("items") or []:
+                yield pod
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
 
     async def opted_in_namespaces(self) -> list[str]:
         """Names of the namespaces labelled `stepcache.dev/enabled=true` right now (one LIST, at start)."""

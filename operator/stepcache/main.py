@@ -158,7 +158,7 @@ async def load_references(
     """
     for name, data, binary_data in await kube_api.configmaps(namespace=namespace):
         view.put_configmap(namespace, name, data=data, binary_data=binary_data)
-    if stepcache_settings.key_secret_content:
+    if settings.key_secret_content:
         for name, secret_data in await kube_api.secrets(namespace=namespace):
             view.put_secret(namespace, name, data=secret_data, hmac_key=secret_key)
 
@@ -202,6 +202,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         memo["tasks"] = [
             asyncio.create_task(rec.run(), name="stepcache-record-retries"),
             asyncio.create_task(_expire_forever(rt), name="stepcache-expiry"),
+            asyncio.create_task(_resync_forever(rt, rec), name="stepcache-resync"),
         ]
         metrics.start_server(stepcache_settings.metrics_port)
         log.info("operator_started", webhook_port=stepcache_settings.webhook_port, scope=stepcache_settings.scope)
@@ -303,6 +304,19 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
                 )
 
     return registry
+
+
+async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:
+    """Look for Succeeded pods still unrecorded every STEPCACHE_RESYNC_INTERVAL_SECONDS, whatever dropped them."""
+    while True:
+        await asyncio.sleep(rt.settings.resync_interval)
+        try:
+            found = await rec.resync()
+        except Exception as exc:
+            log.warning("resync_failed", error=repr(exc))
+        else:
+            if found:
+                log.info("resync_found_unrecorded", pods=found)
 
 
 async def _expire_forever(rt: runtime.Runtime) -> None:

@@ -76,6 +76,7 @@ def test_editing_a_configmap_a_step_reads_makes_the_next_run_a_miss_and_editing_
 
 def test_a_pod_reading_a_configmap_that_does_not_exist_yet_runs_uncached(cluster: Cluster) -> None:
     created, warnings = cluster.create(reading_pod("not-there-yet"))
-    assert "ConfigMap" in warnings and "not-there-yet" in warnings
+    assert "ConfigMap" in warnings
+    assert "not-there-yet" in warnings
     assert "stepcache.dev/key" not in created["metadata"].get("annotations", {})
     assert CACHE_ID not in created["metadata"].get("labels", {})

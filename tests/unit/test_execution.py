@@ -92,7 +92,9 @@ def test_a_native_sidecar_may_restart() -> None:
 
 
 def test_a_digest_pinned_image_is_matched_by_the_image_id() -> None:
-    pinned = pod(spec_image=f"busybox@{DIGEST}", image="sha256:" + "cd" * 32, imageID=f"docker.io/library/busybox@{DIGEST}")
+    pinned = pod(
+        spec_image=f"busybox@{DIGEST}", image="sha256:" + "cd" * 32, imageID=f"docker.io/library/busybox@{DIGEST}"
+    )
     assert execution.why_not_as_keyed(pinned, ["main"]) is None
 
 
