@@ -8,12 +8,10 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from collections.abc import Sequence
+from typing import BinaryIO
 
-import yaml
-
-from stepcache import config, errors, keys, logs
+from stepcache import config, documents, errors, keys, logs
 
 __all__ = ["main"]
 
@@ -30,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"stepcache: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line, never a traceback: the command is a user's tool, not a library
+        print(f"stepcache: internal error ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 3
     return status
 
 
@@ -89,29 +92,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pod(source: str, stdin: TextIO = sys.stdin) -> dict[str, Any]:
-    """A Pod from a Pod document or an AdmissionReview (its request.object), YAML or JSON."""
+def _load_pod(source: str, stdin: BinaryIO | None = None) -> documents.Loaded:
+    """A Pod from a Pod document or an AdmissionReview (its request.object), YAML or JSON, read within bounds."""
     try:
-        text = stdin.read() if source == "-" else pathlib.Path(source).read_text()
+        if source == "-":
+            data = (stdin or sys.stdin.buffer).read(documents.MAX_BYTES + 1)
+        else:
+            with pathlib.Path(source).open("rb") as file:
+                data = file.read(documents.MAX_BYTES + 1)
     except OSError as exc:
         raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise _UsageError(f"{source} is not YAML or JSON: {exc}") from None
-    if not isinstance(document, Mapping):
-        raise _UsageError(f"{source} does not hold an object")
-    if document.get("kind") == "AdmissionReview":
-        document = (document.get("request") or {}).get("object")
-        if not isinstance(document, Mapping):
-            raise _UsageError(f"{source}: the AdmissionReview has no request.object")
-    if document.get("kind", "Pod") != "Pod":
-        raise _UsageError(f"{source} holds a {document.get('kind')}, not a Pod or an AdmissionReview")
-    return dict(document)
+        return documents.load_pod(data, source="standard input" if source == "-" else source)
+    except errors.InvalidDocument as exc:
+        raise _UsageError(str(exc)) from None
 
 
-def _compute(pod: Mapping[str, Any], namespace: str | None) -> keys.Key:
-    ns = namespace or (pod.get("metadata") or {}).get("namespace") or "default"
+def _compute(loaded: documents.Loaded, namespace: str | None) -> keys.Key:
+    """The key; the namespace is the flag's, else the object's, else the AdmissionReview request's, else default."""
+    pod = loaded.pod
+    ns = namespace or (pod.get("metadata") or {}).get("namespace") or loaded.request_namespace or "default"
     try:
         return keys.compute(pod, namespace=ns, options=_key_options())
     except errors.Uncacheable as exc:
