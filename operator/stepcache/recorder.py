@@ -43,6 +43,13 @@ class _GiveUp(Exception):
         self.reason = reason
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Recorded:
+    entry_id: int
+    row_seconds: float
+    label_seconds: float
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class _Pending:
     """A pod waiting for a retry: where to read it again, not a copy of it (a few hundred bytes, not kilobytes)."""
@@ -155,8 +162,9 @@ class Recorder:
     async def _attempt(self, pod: Mapping[str, Any], *, attempt: int) -> None:
         metadata = pod.get("metadata") or {}
         ref = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        started_at = time.time()
         try:
-            entry_id = await self._record(pod, attempt=attempt)
+            recorded = await self._record(pod, attempt=attempt)
         except _RetryLater as exc:
             self._schedule(pod, attempt=attempt, reason=exc.reason)
             return
@@ -173,8 +181,17 @@ class Recorder:
                 return
             self._schedule(pod, attempt=attempt, reason="unexpected-error")
             return
-        if entry_id is not None:
-            log.info("recorded", pod=ref, entry_id=entry_id, attempt=attempt)
+        if recorded is not None:
+            # The stages, so a slow recording can be told apart: waiting for the handler, the row, the label.
+            log.info(
+                "recorded",
+                pod=ref,
+                entry_id=recorded.entry_id,
+                attempt=attempt,
+                handler_started_at=round(started_at, 4),
+                row_ms=round(recorded.row_seconds * 1000, 2),
+                label_ms=round(recorded.label_seconds * 1000, 2),
+            )
 
     def _schedule(self, pod: Mapping[str, Any], *, attempt: int, reason: str) -> None:
         metadata = pod.get("metadata") or {}
@@ -209,7 +226,7 @@ class Recorder:
             error=None if error is None else repr(error),
         )
 
-    async def _record(self, pod: Mapping[str, Any], *, attempt: int) -> int | None:
+    async def _record(self, pod: Mapping[str, Any], *, attempt: int) -> _Recorded | None:
         rt = self._rt
         metadata = pod.get("metadata") or {}
         labels = metadata.get("labels") or {}
@@ -230,7 +247,9 @@ class Recorder:
         try:
             task_result = await self._argo_task_result(pod, attempt=attempt)
             entry = outputs.new_entry(pod, cache_key=key.value, key_material=key.material, task_result=task_result)
+            before_row = time.perf_counter()
             entry_id = await rt.store.record(entry)
+            row_seconds = time.perf_counter() - before_row
         except errors.StoreUnavailable as exc:
             log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("store-unavailable") from exc
@@ -238,6 +257,8 @@ class Recorder:
             await self._reject(pod, reason="uncacheable", detail=exc.reason)
             return None
         metrics.RECORDED.inc()
+        metrics.RECORD_STAGE_SECONDS.labels(stage="row").observe(row_seconds)
+        before_label = time.perf_counter()
         try:
             await rt.kube.label_cache_id(
                 namespace=namespace, name=metadata.get("name", ""), uid=metadata.get("uid", ""), entry_id=entry_id
@@ -246,7 +267,9 @@ class Recorder:
             # The row exists; the label is retried so the pod stops being delivered as unrecorded.
             log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("label-failed") from exc
-        return entry_id
+        label_seconds = time.perf_counter() - before_label
+        metrics.RECORD_STAGE_SECONDS.labels(stage="label").observe(label_seconds)
+        return _Recorded(entry_id=entry_id, row_seconds=row_seconds, label_seconds=label_seconds)
 
     async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
         """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""
