@@ -31,19 +31,30 @@ class Verdict:
 
 
 async def decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -> Verdict:
-    """Decide one admission; never raises (a bug admits the pod unchanged, with a warning)."""
+    """Decide one admission; never raises.
+
+    A bug admits the pod uncached, with a warning, but still without trusting it: the skip patch removes the
+    stepcache names its author wrote, so a forged `hit` label or signature never survives a failure of ours.
+    """
     try:
         verdict = await _decide(rt, pod, dryrun=dryrun)
     except Exception as exc:
         metrics.ADMISSION_FAILURES.labels(reason="internal-error").inc()
         log.exception("admission_failed_open", pod=_pod_ref(pod), error=repr(exc))
-        verdict = Verdict(
-            outcome="error",
-            patch={},
-            warnings=(f"{_PREFIX}internal error ({type(exc).__name__}); the pod runs uncached",),
-        )
+        warning = f"{_PREFIX}internal error ({type(exc).__name__}); the pod runs uncached"
+        verdict = _failed_open(pod, warning=warning)
     metrics.ADMISSIONS.labels(outcome=verdict.outcome).inc()
     return verdict
+
+
+def _failed_open(pod: Mapping[str, Any], *, warning: str) -> Verdict:
+    """The error verdict: the skip patch if it can be built at all, else no patch and a second warning."""
+    try:
+        return Verdict(outcome="error", patch=mutation.skip_patch(pod), warnings=(warning,))
+    except Exception as exc:
+        log.exception("skip_patch_failed", pod=_pod_ref(pod), error=repr(exc))
+        unchanged = f"{_PREFIX}its stepcache labels and annotations could not be checked ({type(exc).__name__})"
+        return Verdict(outcome="error", patch={}, warnings=(warning, unchanged))
 
 
 async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -> Verdict:
@@ -149,5 +160,9 @@ def _is_signed_hit(rt: runtime.Runtime, pod: Mapping[str, Any], *, namespace: st
 
 
 def _pod_ref(pod: Mapping[str, Any]) -> str:
-    metadata = pod.get("metadata") or {}
-    return f"{metadata.get('namespace', '')}/{metadata.get('name') or metadata.get('generateName', '') + '*'}"
+    """namespace/name for logs; called on the error path too, so it takes any shape without raising."""
+    try:
+        metadata = pod.get("metadata") or {}
+        return f"{metadata.get('namespace', '')}/{metadata.get('name') or str(metadata.get('generateName', '')) + '*'}"
+    except Exception:
+        return "?"

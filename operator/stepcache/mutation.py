@@ -1,24 +1,31 @@
 """What admission does to a pod: the skip, miss and hit changes, as JSON merge patches (RFC 7386).
 
-kopf's mutating handlers can only express changes through the `patch` kwarg, a merge patch that kopf applies to the
-pod and then diffs into the JSON patch the API server receives. So these builders return plain merge-patch dicts that
-touch only the paths that change, and `apply_merge_patch` shows the pod they produce.
-
-Two places where kopf's merge (`kopf/_cogs/structs/patches.py`) and RFC 7386 part ways are kept out of every patch
-built here, so both always yield the same pod: kopf drops a map emptied by deletions (RFC 7386 keeps `{}`), so a map
-whose every key goes is deleted whole; and kopf ignores an empty object in a patch (RFC 7386 creates `{}`), so no
-patch carries one.
+kopf's mutating handlers express changes through the `patch` kwarg, a merge patch; the JSON patch the API server
+receives is built from it path by path (`patches.json_patch`), so what these builders return is exactly what happens
+to the pod, and `apply_merge_patch` shows the pod they produce. They touch only the paths that change; two habits
+from the time kopf diffed its own merge of them are kept because they keep patches tidy, not because anything relies
+on them any more: a map whose every key goes is deleted whole, and no patch carries an empty object.
 
 A hit replays the cached result with a tiny container per original container. Values (termination messages, output
 parameters, ids) reach the replay script through environment variables, never through the script text, so no value
 can inject shell code; each `$` in them is doubled because the kubelet expands `$(VAR)` and `$$` in env values.
+
+A hit pod must not wait for a device, a volume or a node, and must pass the `restricted` Pod Security Standard
+wherever stepcache writes the containers: the replay containers carry the restricted profile and 10m/16Mi; no
+container keeps an extended resource (GPUs), a DRA claim, a probe, a lifecycle hook or a port; the pod loses host
+namespaces, pod-level resources and claims, and every volume that attaches storage or a host path (only emptyDir,
+configMap, secret, downwardAPI and projected volumes stay), and, unless `keep_node_constraints`, its node
+constraints (affinity, nodeSelector other than OS and architecture, nodeName, topologySpreadConstraints, and
+runtimeClassName with the overhead it set).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import itertools
+import posixpath
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from stepcache import argo, errors, model
@@ -83,6 +90,23 @@ _ARGO_SCRIPT_TAIL = (
 
 _REPLAY_RESOURCES = {"cpu": "10m", "memory": "16Mi"}
 
+# Resources a kept container (Argo's `init` and `wait`, sidecars) may still ask for: none waits for a device.
+_NATIVE_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage"})
+# Container fields no replayed step needs, each of which can hold a pod up or make it fail: a probe against a
+# process that is not there, a hook, a hostPort that binds it to a node.
+_DROPPED_CONTAINER_FIELDS = ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle", "ports")
+# Volume sources that attach nothing: no claim, no host path, no network storage, no CSI driver to wait for.
+_DETACHED_VOLUME_SOURCES = frozenset({"emptyDir", "configMap", "secret", "downwardAPI", "projected"})
+_HOST_NAMESPACES = ("hostNetwork", "hostPID", "hostIPC")
+# Node constraints, removed unless ReplayOptions.keep_node_constraints. `overhead` is set from the RuntimeClass at
+# admission and is refused without one. nodeSelector is handled apart: its OS and architecture entries stay.
+_NODE_CONSTRAINTS = ("affinity", "nodeName", "topologySpreadConstraints", "runtimeClassName", "overhead")
+_PLATFORM_SELECTORS = frozenset({"kubernetes.io/os", "kubernetes.io/arch"})
+"""A replay image runs on a platform like any other: a selector naming one is kept, it waits for no device."""
+_OUTPUT_VOLUME = "stepcache-outputs-{}"
+_ARGO_INIT = "init"
+"""Argo's own init container (argoexec init), kept on a hit; a template's own init containers are not."""
+
 # The `restricted` Pod Security checks that read pod-level securityContext fields, with the values they accept.
 # The sets are those of the oldest policy version, so a namespace pinned to an old enforce-version accepts them too.
 _SAFE_PROFILE_TYPES = frozenset({"RuntimeDefault", "Localhost"})
@@ -126,8 +150,12 @@ def skip_patch(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def miss_patch(pod: Mapping[str, Any], *, signed: Signed) -> dict[str, Any]:
-    """Sign the pod and mark it for recording: key annotations and an empty `cache-id` label; no `hit` label."""
-    return _metadata_patch(pod, labels={CACHE_ID: "", HIT: None}, annotations=_key_annotations(signed))
+    """Sign the pod and mark it for recording: key annotations and an empty `cache-id` label; no `hit` label.
+
+    On an Argo pod a user-set `workflows.argoproj.io/outputs` annotation goes too: the recorder reads that annotation
+    (Argo < 3.6) only when nobody but Argo's `wait` can have written it, that is when it was absent at admission.
+    """
+    return _metadata_patch(pod, labels={CACHE_ID: "", HIT: None}, annotations=_admitted_annotations(pod, signed))
 
 
 def hit_patch(
@@ -138,20 +166,25 @@ def hit_patch(
     options: ReplayOptions,
     kfp: bool,
 ) -> dict[str, Any]:
-    """Serve the pod from `entry`: replay containers in place of the real ones (DESIGN.md "On a hit").
+    """Serve the pod from `entry`: replay containers in place of the real ones (see the module's docstring).
 
     Raises `errors.Uncacheable` when the pod cannot be replayed from this entry; the caller then admits it as a miss.
     """
     tmpl = argo.template(pod)
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    kept_volumes = [
+        volume for volume in spec.get("volumes") or [] if set(volume) - {"name"} <= _DETACHED_VOLUME_SOURCES
+    ]
+    removed = {volume.get("name") for volume in spec.get("volumes") or []} - {v.get("name") for v in kept_volumes}
     if tmpl is not None:
-        spec = _argo_spec_patch(pod, tmpl, entry=entry, cache_image=options.cache_image)
+        changes = _argo_spec_patch(pod, tmpl, entry=entry, options=options, volumes=kept_volumes, removed=removed)
     else:
-        spec = _plain_spec_patch(pod, entry=entry, options=options)
+        changes = _plain_spec_patch(pod, entry=entry, options=options, volumes=kept_volumes)
     labels: dict[str, str | None] = {CACHE_ID: str(entry.id), HIT: "true"}
     if kfp:
         labels[KFP_REUSED] = "true"
-    patch = _metadata_patch(pod, labels=labels, annotations=_key_annotations(signed))
-    patch["spec"] = spec
+    patch = _metadata_patch(pod, labels=labels, annotations=_admitted_annotations(pod, signed))
+    patch["spec"] = {**_pod_level_patch(spec, options=options), **changes}
     return patch
 
 
@@ -172,8 +205,15 @@ def _merge_object(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str,
     return target
 
 
-def _key_annotations(signed: Signed) -> dict[str, str | None]:
-    return {KEY: signed.key, KEY_CONTAINERS: ",".join(signed.key_containers), KEY_SIGNATURE: signed.signature}
+def _admitted_annotations(pod: Mapping[str, Any], signed: Signed) -> dict[str, str | None]:
+    annotations: dict[str, str | None] = {
+        KEY: signed.key,
+        KEY_CONTAINERS: ",".join(signed.key_containers),
+        KEY_SIGNATURE: signed.signature,
+    }
+    if argo.is_argo(pod):
+        annotations[argo.OUTPUTS_ANNOTATION] = None
+    return annotations
 
 
 def _metadata_patch(
@@ -182,10 +222,13 @@ def _metadata_patch(
     labels: Mapping[str, str | None],
     annotations: Mapping[str, str | None],
 ) -> dict[str, Any]:
-    metadata = pod.get("metadata") or {}
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, Mapping):  # the skip patch is built on the error path too: take any shape
+        metadata = {}
     changes: dict[str, Any] = {}
     for field, wanted in (("labels", labels), ("annotations", annotations)):
-        change = _map_patch(metadata.get(field), wanted)
+        current = metadata.get(field)
+        change = _map_patch(current if isinstance(current, Mapping) else None, wanted)
         if change is not _UNCHANGED:
             changes[field] = change
     return {"metadata": changes} if changes else {}
@@ -201,7 +244,7 @@ _UNCHANGED = _Unchanged()
 def _map_patch(current: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> Any:
     """The merge patch turning map `current` into `current` updated by `wanted` (None values delete).
 
-    Deleting absent keys is left out; deleting every key deletes the map (so kopf and RFC 7386 agree).
+    Deleting absent keys is left out; deleting every key deletes the map (no empty map is left behind).
     """
     current = current or {}
     changes = {name: value for name, value in wanted.items() if value is not None or name in current}
@@ -221,7 +264,29 @@ def _replay_env(entry: model.CachedEntry) -> list[dict[str, str]]:
     return [_env(ENTRY_ID_ENV, str(entry.id)), _env(SOURCE_POD_ENV, entry.source_pod)]
 
 
-def _plain_spec_patch(pod: Mapping[str, Any], *, entry: model.CachedEntry, options: ReplayOptions) -> dict[str, Any]:
+def _pod_level_patch(spec: Mapping[str, Any], *, options: ReplayOptions) -> dict[str, Any]:
+    """What goes at pod level on every hit: host namespaces, pod-level resources and DRA claims, node constraints."""
+    dropped = [*_HOST_NAMESPACES, "resources", "resourceClaims"]
+    if not options.keep_node_constraints:
+        dropped += _NODE_CONSTRAINTS
+    patch: dict[str, Any] = {field: None for field in dropped if field in spec}
+    selector = spec.get("nodeSelector")
+    if selector and not options.keep_node_constraints:
+        kept = {name: value for name, value in selector.items() if name in _PLATFORM_SELECTORS}
+        if kept != selector:
+            patch["nodeSelector"] = _map_patch(selector, {name: None for name in selector if name not in kept})
+    return patch
+
+
+def _volumes_patch(spec: Mapping[str, Any], volumes: list[Mapping[str, Any]]) -> dict[str, Any]:
+    if volumes == list(spec.get("volumes") or []):
+        return {}
+    return {"volumes": volumes or None}
+
+
+def _plain_spec_patch(
+    pod: Mapping[str, Any], *, entry: model.CachedEntry, options: ReplayOptions, volumes: list[Mapping[str, Any]]
+) -> dict[str, Any]:
     spec = pod.get("spec") or {}
     patch: dict[str, Any] = {
         "containers": [
@@ -229,21 +294,33 @@ def _plain_spec_patch(pod: Mapping[str, Any], *, entry: model.CachedEntry, optio
             for container in spec.get("containers") or []
         ]
     }
-    deleted = ["initContainers"] if options.keep_node_constraints else ["initContainers", "affinity", "nodeSelector"]
-    patch.update({field: None for field in deleted if field in spec})
-    volumes = spec.get("volumes") or []
-    kept = [volume for volume in volumes if not _attaches_storage(volume)]
-    if len(kept) != len(volumes):
-        patch["volumes"] = kept or None
+    if "initContainers" in spec:
+        patch["initContainers"] = None
+    patch.update(_volumes_patch(spec, volumes))
     security = _pod_security_patch(spec.get("securityContext"))
     if security is not _UNCHANGED:
         patch["securityContext"] = security
     return patch
 
 
-def _attaches_storage(volume: Mapping[str, Any]) -> bool:
-    # A generic ephemeral volume is a PersistentVolumeClaim too: the pod would wait for it just the same.
-    return "persistentVolumeClaim" in volume or "ephemeral" in volume
+def _kept_container(container: Mapping[str, Any], *, removed: set[Any]) -> dict[str, Any]:
+    """A container that still runs on a hit (Argo's `init`, `wait`, sidecars): what it needs from the node goes."""
+    kept = {field: value for field, value in container.items() if field not in _DROPPED_CONTAINER_FIELDS}
+    for field in ("volumeMounts", "volumeDevices"):
+        if field in kept:
+            mounts = [mount for mount in kept[field] or [] if mount.get("name") not in removed]
+            if mounts:
+                kept[field] = mounts
+            else:
+                del kept[field]
+    resources = kept.get("resources")
+    if isinstance(resources, Mapping):
+        kept["resources"] = {
+            field: {name: value for name, value in (resources.get(field) or {}).items() if name in _NATIVE_RESOURCES}
+            for field in ("requests", "limits")
+            if field in resources
+        }
+    return kept
 
 
 def _replay_container(container: Mapping[str, Any], *, entry: model.CachedEntry, cache_image: str) -> dict[str, Any]:
@@ -316,12 +393,19 @@ def _argo_spec_patch(
     tmpl: Mapping[str, Any],
     *,
     entry: model.CachedEntry,
-    cache_image: str,
+    options: ReplayOptions,
+    volumes: list[Mapping[str, Any]],
+    removed: set[Any],
 ) -> dict[str, Any]:
-    """Only `main` changes: `init` and `wait` (argoexec) must run, since `wait` reports the outputs to Argo."""
+    """`main` becomes the replay; Argo's `init` and `wait` (argoexec) still run, since `wait` reports the outputs.
+
+    They and any sidecar only lose what the module docstring lists, plus their mounts of removed volumes (`wait` and
+    `init` mirror user volumes under /mainctrfs); user init containers go, as on a plain pod.
+    """
     if argo.declares_artifacts(tmpl):
         raise errors.Uncacheable("the Argo template declares output artifacts, whose bytes are not stored")
-    containers: list[Mapping[str, Any]] = list((pod.get("spec") or {}).get("containers") or [])
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    containers: list[Mapping[str, Any]] = list(spec.get("containers") or [])
     index = next((i for i, c in enumerate(containers) if c.get("name") == argo.MAIN_CONTAINER), None)
     if index is None:
         raise errors.Uncacheable("the Argo pod has no main container")
@@ -352,10 +436,81 @@ def _argo_spec_patch(
     env += _replay_env(entry)
     script.append(_ARGO_SCRIPT_TAIL)
 
-    replay = {field: value for field, value in main.items() if field != "args"}
-    replay.update(image=cache_image, command=[*prefix, "sh", "-c", "".join(script)], env=env)
-    containers[index] = replay
-    return {"containers": containers}
+    # The replay writes what the step wrote, where it wrote it, as a non-root user on a read-only root: each
+    # parameter's directory must be on a writable volume, so directories on the root get emptyDirs of their own.
+    replay = _kept_container(main, removed=removed)
+    for field in ("args", "workingDir", "volumeDevices"):
+        replay.pop(field, None)
+    mounts = list(replay.get("volumeMounts") or [])
+    added = _output_volumes(paths.values(), mounts=mounts, volumes=volumes)
+    mounts += [{"name": volume["name"], "mountPath": path} for path, volume in added]
+    replay.update(
+        image=options.cache_image,
+        command=[*prefix, "sh", "-c", "".join(script)],
+        env=env,
+        resources={"requests": dict(_REPLAY_RESOURCES), "limits": dict(_REPLAY_RESOURCES)},
+        securityContext=_restricted_security_context(),
+    )
+    if mounts:
+        replay["volumeMounts"] = mounts
+
+    patch: dict[str, Any] = {
+        "containers": [
+            replay if i == index else _kept_container(container, removed=removed)
+            for i, container in enumerate(containers)
+        ]
+    }
+    if "initContainers" in spec:
+        init = [
+            _kept_container(container, removed=removed)
+            for container in spec.get("initContainers") or []
+            if container.get("name") == _ARGO_INIT
+        ]
+        if init != spec["initContainers"]:
+            patch["initContainers"] = init or None
+    patch.update(_volumes_patch(spec, [*volumes, *(volume for _, volume in added)]))
+    return patch
+
+
+def _output_volumes(
+    paths: Iterable[str], *, mounts: list[Mapping[str, Any]], volumes: list[Mapping[str, Any]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """(mount path, emptyDir volume) for each directory the replay must write in and no volume covers yet.
+
+    A directory under a writable emptyDir mount is covered; one under any other mount (read-only, a configMap...)
+    cannot be written, so the pod is not replayable. The rest get one emptyDir each at the outermost such
+    directory (the script creates the ones below it), never at `/`.
+    """
+    writable = {volume.get("name") for volume in volumes if "emptyDir" in volume}
+    needed: set[str] = set()
+    for path in paths:
+        if not path.startswith("/"):
+            raise errors.Uncacheable(f"output parameter path {path!r} is not absolute")
+        directory = posixpath.dirname(posixpath.normpath(path))
+        mount = _covering_mount(directory, mounts)
+        if mount is None:
+            if directory == "/":
+                raise errors.Uncacheable(f"output parameter path {path!r} is in /, which a replay cannot write")
+            needed.add(directory)
+        elif mount.get("name") not in writable or mount.get("readOnly"):
+            raise errors.Uncacheable(f"output parameter path {path!r} is on a volume the replay cannot write")
+    outermost: list[str] = []
+    for directory in sorted(needed, key=lambda d: (d.count("/"), d)):
+        if not any(_is_within(directory, chosen) for chosen in outermost):
+            outermost.append(directory)
+    taken = {volume.get("name") for volume in volumes}
+    names = (name for name in map(_OUTPUT_VOLUME.format, itertools.count()) if name not in taken)
+    return [(directory, {"name": next(names), "emptyDir": {}}) for directory in outermost]
+
+
+def _covering_mount(directory: str, mounts: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The mount whose path is the longest prefix of `directory`, if any."""
+    covering = [m for m in mounts if _is_within(directory, posixpath.normpath(str(m.get("mountPath") or "")))]
+    return max(covering, key=lambda m: len(posixpath.normpath(str(m.get("mountPath")))), default=None)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return directory.startswith("/") and (path == directory or path.startswith(directory.rstrip("/") + "/"))
 
 
 def _wants_result(main: Mapping[str, Any]) -> bool:

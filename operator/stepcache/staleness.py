@@ -15,7 +15,7 @@ import isodate
 
 from stepcache import errors
 
-__all__ = ["ANNOTATIONS", "Decision", "decide", "parse"]
+__all__ = ["ANNOTATIONS", "LONGEST", "Decision", "decide", "parse"]
 
 OURS = "stepcache.dev/max-staleness"
 KFP = "pipelines.kubeflow.org/max_cache_staleness"
@@ -26,24 +26,37 @@ ANNOTATIONS = (OURS, KFP)
 _EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 
+LONGEST = datetime.timedelta(days=36525)
+"""The longest staleness accepted: 100 years (`P100Y`, `P36525D`).
+
+A longer value is not a real bound but a spelling of "forever", and "forever" is said by leaving the annotation out;
+rejecting it (the pod runs uncached, with a warning) keeps huge numbers from ever reaching date arithmetic, where
+they overflow Python's timedelta or the database's timestamps."""
+
+
 @functools.lru_cache(maxsize=256)
 def parse(text: str) -> datetime.timedelta:
-    """Parse an ISO 8601 duration (`P7D`, `PT12H`, `P1Y2M`) into a non-negative timedelta; raise ValueError.
+    """Parse an ISO 8601 duration (`P7D`, `PT12H`, `P1Y2M`) into a timedelta from zero to `LONGEST`; raise ValueError.
 
+    Every rejection is a ValueError saying why, whatever the text: out-of-range numbers included.
     Cached: pods of one pipeline repeat a handful of values, and isodate's parser showed up on the webhook's profile.
     """
     if not any(ch.isdigit() for ch in text):
         raise ValueError("not an ISO 8601 duration: no number in it")
     try:
         duration = isodate.parse_duration(text.strip())
-    except (isodate.ISO8601Error, ValueError, TypeError) as exc:
-        raise ValueError(f"not an ISO 8601 duration: {exc}") from None
-    if isinstance(duration, isodate.Duration):
-        duration = (_EPOCH + duration) - _EPOCH
+        if isinstance(duration, isodate.Duration):
+            duration = (_EPOCH + duration) - _EPOCH
+    except (isodate.ISO8601Error, ValueError, TypeError, ArithmeticError) as exc:
+        # isodate raises ValueError for fractional years, OverflowError for numbers past timedelta's range, and
+        # adding years to a date past year 9999 is a ValueError or an OverflowError: all mean "not a staleness".
+        raise ValueError(f"not an ISO 8601 duration within range: {exc}") from None
     if not isinstance(duration, datetime.timedelta):
         raise ValueError("not an ISO 8601 duration")
     if duration < datetime.timedelta(0):
         raise ValueError("a duration must not be negative")
+    if duration > LONGEST:
+        raise ValueError("a duration longer than 100 years (P36525D) is not a staleness; omit it for no limit")
     return duration
 
 

@@ -110,15 +110,89 @@ async def test_a_store_that_is_unavailable_gives_a_miss_with_a_warning() -> None
     assert any("cache unavailable (StoreUnavailable)" in warning for warning in verdict.warnings), verdict.warnings
 
 
-async def test_any_other_error_admits_the_pod_unchanged_with_a_warning() -> None:
-    async def broken() -> None:
-        raise KeyError("a bug")
+async def broken() -> None:
+    raise KeyError("a bug")
 
+
+async def test_any_other_error_admits_the_pod_unchanged_with_a_warning() -> None:
     verdict = await admission.decide(make_runtime(FakeStore(broken)), load_pod(), dryrun=False)
 
     assert verdict.outcome == "error"
     assert verdict.patch == {}
     assert verdict.warnings == ("stepcache: internal error (KeyError); the pod runs uncached",)
+
+
+async def test_an_internal_error_still_removes_the_stepcache_names_the_user_wrote() -> None:
+    pod = load_pod()
+    pod["metadata"]["labels"].update({mutation.HIT: "true", mutation.CACHE_ID: "7"})
+    pod["metadata"]["annotations"][mutation.KEY_SIGNATURE] = "0" * 64
+
+    verdict = await admission.decide(make_runtime(FakeStore(broken)), pod, dryrun=False)
+
+    assert verdict.outcome == "error"
+    assert verdict.patch == {
+        "metadata": {
+            "labels": {mutation.CACHE_ID: None, mutation.HIT: None},
+            "annotations": {mutation.KEY_SIGNATURE: None},
+        }
+    }
+
+
+@pytest.mark.parametrize("metadata", ["not a map", ["a"], {"labels": "x", "annotations": 3}])
+async def test_a_pod_of_any_shape_is_admitted_with_a_warning(metadata: Any) -> None:
+    pod = load_pod()
+    pod["metadata"] = metadata
+
+    verdict = await admission.decide(make_runtime(FakeStore(broken)), pod, dryrun=False)
+
+    assert verdict.outcome in {"error", "skip"}
+    assert verdict.patch == {}
+
+
+async def test_when_even_the_skip_patch_fails_the_pod_is_admitted_unchanged_with_two_warnings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def skip_patch(pod: Any) -> dict[str, Any]:
+        raise RuntimeError("a second bug")
+
+    monkeypatch.setattr(mutation, "skip_patch", skip_patch)
+
+    verdict = await admission.decide(make_runtime(FakeStore(broken)), load_pod(), dryrun=False)
+
+    assert verdict.outcome == "error"
+    assert verdict.patch == {}
+    assert verdict.warnings == (
+        "stepcache: internal error (KeyError); the pod runs uncached",
+        "stepcache: its stepcache labels and annotations could not be checked (RuntimeError)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("stepcache.dev/max-staleness", "P99999999999D"),
+        ("stepcache.dev/max-staleness", "P8000Y"),
+        ("pipelines.kubeflow.org/max_cache_staleness", "P99999999999D"),
+        ("pipelines.kubeflow.org/max_cache_staleness", "P8000Y"),
+    ],
+)
+async def test_an_out_of_range_staleness_runs_the_pod_uncached_and_recorded_with_a_warning_naming_it(
+    annotation: str, value: str
+) -> None:
+    async def found() -> model.CachedEntry:
+        return stored_entry()
+
+    fake = FakeStore(found)
+    pod = load_pod()
+    pod["metadata"]["annotations"].pop("stepcache.dev/max-staleness")
+    pod["metadata"]["annotations"][annotation] = value
+
+    verdict = await admission.decide(make_runtime(fake), pod, dryrun=False)
+
+    assert verdict.outcome == "miss"
+    assert verdict.patch == miss_patch(pod)
+    assert fake.lookups == 0
+    assert [w for w in verdict.warnings if f"annotation {annotation}:" in w and "runs uncached" in w], verdict.warnings
 
 
 @pytest.mark.parametrize(("dryrun", "noted"), [(True, []), (False, [42])])

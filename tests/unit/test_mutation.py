@@ -1,7 +1,8 @@
 """Admission patches on real pod shapes: what skip, miss and hit make of a pod, checked on the JSON patch it becomes.
 
-Every patch is applied twice — as a merge patch, and as the JSON patch `jsonpatch.make_patch` derives from it,
-applied to the original pod — and the two pods must agree before anything is asserted about them. Replay scripts
+Every patch is applied twice — as a merge patch, and as the JSON patch the webhook answers with
+(`patches.json_patch`), applied in order to the original pod — and the two pods must agree before anything is
+asserted about them. Replay scripts
 are run with the host's `sh` after the kubelet's `$(VAR)` expansion, as a kubelet would run them.
 """
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from hack.cluster import kubelet as process_kubelet
 
-from stepcache import argo, errors, model, mutation
+from stepcache import argo, errors, model, mutation, patches
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
 PODS = ("job-pod", "argo-3.6-pod", "kfp-v1-pod")
@@ -77,7 +78,7 @@ def patched(pod: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """The pod the API server stores, after checking that merge patch and derived JSON patch agree on it."""
     before = copy.deepcopy(pod)
     merged = mutation.apply_merge_patch(pod, patch)
-    ops = jsonpatch.make_patch(pod, merged).patch
+    ops = patches.json_patch(pod, patch)
     via_json_patch = jsonpatch.apply_patch(pod, ops)
     assert via_json_patch == merged
     assert pod == before, "building or applying a patch changed the original pod"
@@ -454,16 +455,19 @@ def test_hit_deletes_a_pod_security_context_left_empty() -> None:
 # --- hit: Argo and KFP v1 ---------------------------------------------------------------------------------------
 
 
-def test_argo_hit_changes_only_main() -> None:
+def test_argo_hit_turns_main_into_a_restricted_replay_and_keeps_init_and_wait() -> None:
     pod = load("argo-3.6-pod")
 
     result = hit(pod, entry=ARGO_ENTRY)
 
-    assert {k: v for k, v in result["spec"].items() if k != "containers"} == {
-        k: v for k, v in pod["spec"].items() if k != "containers"
+    changed = {"containers", "volumes", "nodeSelector"}
+    assert {k: v for k, v in result["spec"].items() if k not in changed} == {
+        k: v for k, v in pod["spec"].items() if k not in changed
     }
+    assert result["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}  # a platform, not a node constraint
     assert [c["name"] for c in result["spec"]["containers"]] == ["wait", "main"]
     assert containers(result)["wait"] == containers(pod)["wait"]
+    assert result["spec"]["initContainers"] == pod["spec"]["initContainers"]
     main, original = containers(result)["main"], containers(pod)["main"]
     assert main["image"] == REPLAY_IMAGE
     assert "args" not in main
@@ -479,10 +483,198 @@ def test_argo_hit_changes_only_main() -> None:
     ]
     assert main["command"][-2] == "-c"
     assert main["env"][: len(original["env"])] == original["env"]
-    unchanged = {"volumeMounts", "securityContext", "resources", "terminationMessagePath", "imagePullPolicy"}
-    assert {k: main[k] for k in unchanged} == {k: original[k] for k in unchanged}
+    assert main["securityContext"] == RESTRICTED_CONTAINER
+    assert main["resources"] == {"requests": TINY, "limits": TINY}
+    assert {k: main[k] for k in ("terminationMessagePath", "imagePullPolicy")} == {
+        k: original[k] for k in ("terminationMessagePath", "imagePullPolicy")
+    }
     assert result["metadata"]["labels"][mutation.CACHE_ID] == "42"
     assert mutation.KFP_REUSED not in result["metadata"]["labels"]
+
+
+def test_argo_replay_gets_a_writable_empty_dir_at_the_outermost_directory_of_its_outputs() -> None:
+    pod = load("argo-3.6-pod")  # outputs at /tmp/outputs/length and /tmp/upper.txt; main mounts nothing at /tmp
+
+    result = hit(pod, entry=ARGO_ENTRY)
+
+    assert result["spec"]["volumes"] == [*pod["spec"]["volumes"], {"name": "stepcache-outputs-0", "emptyDir": {}}]
+    assert containers(result)["main"]["volumeMounts"] == [
+        *containers(pod)["main"]["volumeMounts"],
+        {"name": "stepcache-outputs-0", "mountPath": "/tmp"},
+    ]
+    assert "stepcache-outputs-0" not in str(containers(result)["wait"])
+
+
+def argo_pod_with_outputs(*paths: str) -> dict[str, Any]:
+    pod = load("argo-3.6-pod")
+    tmpl = argo.template(pod)
+    assert tmpl is not None
+    tmpl["outputs"] = {"parameters": [{"name": f"p{i}", "valueFrom": {"path": p}} for i, p in enumerate(paths)]}
+    set_template(pod, tmpl)
+    return pod
+
+
+def outputs_entry(count: int) -> model.CachedEntry:
+    return entry(
+        termination_messages={}, argo_outputs={"parameters": {f"p{i}": "v" for i in range(count)}, "result": "r"}
+    )
+
+
+def test_argo_replay_writes_under_a_writable_volume_without_a_new_one_and_skips_taken_names() -> None:
+    pod = argo_pod_with_outputs("/var/run/argo/out/a", "/data/b/c", "/data/d")
+    pod["spec"]["volumes"].append({"name": "stepcache-outputs-0", "emptyDir": {}})
+
+    result = hit(pod, entry=outputs_entry(3))
+
+    assert result["spec"]["volumes"][-1] == {"name": "stepcache-outputs-1", "emptyDir": {}}
+    assert containers(result)["main"]["volumeMounts"][-1] == {"name": "stepcache-outputs-1", "mountPath": "/data"}
+    assert [m["mountPath"] for m in containers(result)["main"]["volumeMounts"]].count("/data") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("out/a", "not absolute"),
+        ("/a", "in /"),
+        ("/var/run/secrets/kubernetes.io/serviceaccount/x", "cannot write"),  # a read-only projected volume
+    ],
+)
+def test_argo_output_the_replay_cannot_write_is_uncacheable(path: str, reason: str) -> None:
+    pod = argo_pod_with_outputs(path)
+
+    with pytest.raises(errors.Uncacheable, match=reason):
+        mutation.hit_patch(pod, signed=SIGNED, entry=outputs_entry(1), options=OPTIONS, kfp=False)
+
+
+GPU = {"nvidia.com/gpu": "1"}
+
+
+def greedy_pod(name: str) -> dict[str, Any]:
+    """A pod that asks for every kind of thing a replay must not wait for."""
+    pod = load(name)
+    spec = pod["spec"]
+    spec.update(
+        hostNetwork=True,
+        hostPID=True,
+        hostIPC=True,
+        nodeName="gpu-node-7",
+        runtimeClassName="nvidia",
+        overhead={"cpu": "250m"},
+        topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
+        resourceClaims=[{"name": "gpu", "resourceClaimName": "a100"}],
+        resources={"requests": {"cpu": "4"}, "limits": {"cpu": "4"}},
+        nodeSelector={"kubernetes.io/arch": "amd64", "pool": "gpu"},
+    )
+    spec["volumes"] += [
+        {"name": "host", "hostPath": {"path": "/opt/models"}},
+        {"name": "claim", "persistentVolumeClaim": {"claimName": "data"}},
+        {"name": "nfs", "nfs": {"server": "nfs.internal", "path": "/x"}},
+        {"name": "inline", "csi": {"driver": "secrets-store.csi.k8s.io"}},
+    ]
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        resources = container.setdefault("resources", {})
+        resources.setdefault("requests", {}).update(GPU)
+        resources.setdefault("limits", {}).update(GPU)
+        resources["claims"] = [{"name": "gpu"}]
+        container["livenessProbe"] = {"exec": {"command": ["true"]}}
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["true"]}}}
+        container["ports"] = [{"containerPort": 80, "hostPort": 80}]
+        prefix = "" if container["name"] in ("main", "train", "report", "fetch") else "/mainctrfs"
+        container.setdefault("volumeMounts", []).extend(
+            [{"name": "host", "mountPath": f"{prefix}/models"}, {"name": "claim", "mountPath": f"{prefix}/data"}]
+        )
+        container["volumeDevices"] = [{"name": "claim", "devicePath": "/dev/xvda"}]
+    return pod
+
+
+def assert_waits_for_nothing(result: Mapping[str, Any]) -> None:
+    spec = result["spec"]
+    assert not {
+        "hostNetwork",
+        "hostPID",
+        "hostIPC",
+        "nodeName",
+        "runtimeClassName",
+        "overhead",
+        "topologySpreadConstraints",
+        "resourceClaims",
+        "resources",
+        "affinity",
+    } & set(spec)
+    assert spec["nodeSelector"] == {"kubernetes.io/arch": "amd64"}  # greedy_pod's platform entry, kept
+    kinds = {kind for volume in spec["volumes"] for kind in volume if kind != "name"}
+    assert kinds <= {"emptyDir", "configMap", "secret", "downwardAPI", "projected"}
+    names = {volume["name"] for volume in spec["volumes"]}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        resources = container.get("resources") or {}
+        asked = {name for field in ("requests", "limits") for name in resources.get(field) or {}}
+        assert asked <= {"cpu", "memory", "ephemeral-storage"}, container["name"]
+        assert "claims" not in resources
+        assert not {"livenessProbe", "readinessProbe", "startupProbe", "lifecycle", "ports", "volumeDevices"} & set(
+            container
+        ), container["name"]
+        assert {mount["name"] for mount in container.get("volumeMounts") or []} <= names, container["name"]
+
+
+@pytest.mark.parametrize("name", PODS)
+def test_a_hit_pod_waits_for_no_device_volume_host_or_node(name: str) -> None:
+    pod = greedy_pod(name)
+    served = entry() if name == "job-pod" else ARGO_ENTRY if name.startswith("argo") else entry(argo_outputs={})
+
+    result = hit(pod, entry=served, kfp=name.startswith("kfp"))
+
+    assert_waits_for_nothing(result)
+
+
+def test_an_argo_hit_keeps_init_and_wait_apart_from_what_they_would_wait_for() -> None:
+    pod = greedy_pod("argo-3.6-pod")
+    pod["spec"]["initContainers"].append({"name": "fetch", "image": "busybox", "command": ["true"]})
+
+    result = hit(pod, entry=ARGO_ENTRY)
+
+    assert [c["name"] for c in result["spec"]["initContainers"]] == ["init"]
+    original = load("argo-3.6-pod")
+    for name, kept in (("init", result["spec"]["initContainers"][0]), ("wait", containers(result)["wait"])):
+        before = next(
+            c for c in [*original["spec"]["initContainers"], *original["spec"]["containers"]] if c["name"] == name
+        )
+        assert kept == {**before, "resources": {"requests": before["resources"]["requests"], "limits": {}}}, name
+
+
+def test_keep_node_constraints_keeps_them_and_nothing_else() -> None:
+    pod = greedy_pod("job-pod")
+    keep = mutation.ReplayOptions(cache_image=REPLAY_IMAGE, keep_node_constraints=True)
+
+    spec = hit(pod, options=keep)["spec"]
+
+    for field in ("affinity", "nodeSelector", "nodeName", "topologySpreadConstraints", "runtimeClassName", "overhead"):
+        assert spec[field] == pod["spec"][field], field
+    assert not {"hostNetwork", "hostPID", "hostIPC", "resourceClaims", "resources"} & set(spec)
+
+
+# --- Argo's outputs annotation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["miss", "hit"])
+def test_a_user_set_argo_outputs_annotation_is_removed_from_an_argo_pod(outcome: str) -> None:
+    pod = load("argo-3.6-pod")
+    pod["metadata"]["annotations"][argo.OUTPUTS_ANNOTATION] = '{"parameters":[{"name":"length","value":"forged"}]}'
+
+    result = hit(pod, entry=ARGO_ENTRY) if outcome == "hit" else patched(pod, mutation.miss_patch(pod, signed=SIGNED))
+
+    assert argo.OUTPUTS_ANNOTATION not in result["metadata"]["annotations"]
+
+
+def test_the_argo_outputs_annotation_is_neither_removed_by_a_skip_nor_from_a_plain_pod() -> None:
+    argo_pod, plain = load("argo-3.6-pod"), load("job-pod")
+    for pod in (argo_pod, plain):
+        pod["metadata"]["annotations"][argo.OUTPUTS_ANNOTATION] = "{}"
+
+    assert mutation.skip_patch(argo_pod) == {}
+    assert (
+        patched(plain, mutation.miss_patch(plain, signed=SIGNED))["metadata"]["annotations"][argo.OUTPUTS_ANNOTATION]
+        == "{}"
+    )
 
 
 def test_argo_replay_writes_each_parameter_and_prints_the_result(tmp_path: pathlib.Path) -> None:
@@ -622,3 +814,18 @@ def test_apply_merge_patch_changes_and_shares_nothing() -> None:
 
     assert target == {"a": {"b": [1]}, "c": 1}
     assert patch == {"a": {"d": [2]}, "c": None}
+
+
+def test_a_greedy_plain_hit_pod_passes_the_restricted_pod_security_standard() -> None:
+    pod = greedy_pod("job-pod")
+    pod["spec"]["securityContext"] = {"runAsUser": 0, "seccompProfile": {"type": "Unconfined"}}
+
+    assert restricted_violations(hit(pod)) == []
+
+
+def test_the_argo_replay_container_passes_the_restricted_checks_of_a_container() -> None:
+    pod = greedy_pod("argo-3.6-pod")
+    result = hit(pod, entry=ARGO_ENTRY)
+    main_only = {**result, "spec": {**result["spec"], "initContainers": [], "containers": [containers(result)["main"]]}}
+
+    assert restricted_violations(main_only) == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stepcache import errors, staleness
 
@@ -21,6 +23,8 @@ DAY = datetime.timedelta(days=1)
         ("P1W", 7 * DAY),
         ("P1Y", 366 * DAY),  # resolved against 2000-01-01, a leap year, the same way every time
         ("P1M", 31 * DAY),
+        ("P100Y", 36525 * DAY),  # the longest accepted
+        ("P36525D", 36525 * DAY),
     ],
 )
 def test_durations_parse(text: str, expected: datetime.timedelta) -> None:
@@ -64,3 +68,36 @@ def test_an_unparsable_annotation_is_an_error_naming_it_never_forever() -> None:
         staleness.decide({staleness.KFP: "one week"}, default=None, cap=None)
     assert caught.value.name == staleness.KFP
     assert caught.value.value == "one week"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["P99999999999D", "P8000Y", "P9999Y", "P36526D", "P101Y", "P999999999D", "PT99999999999999999999H", "P1.5Y"],
+)
+def test_out_of_range_durations_are_rejected_with_a_reason_never_an_overflow(text: str) -> None:
+    with pytest.raises(ValueError, match="duration") as caught:
+        staleness.parse(text)
+    assert type(caught.value) is ValueError
+
+
+@pytest.mark.parametrize("name", staleness.ANNOTATIONS)
+@pytest.mark.parametrize("text", ["P99999999999D", "P8000Y"])
+def test_an_out_of_range_annotation_is_an_invalid_annotation_naming_it(name: str, text: str) -> None:
+    with pytest.raises(errors.InvalidAnnotation) as caught:
+        staleness.decide({name: text}, default=None, cap=datetime.timedelta(days=30))
+    assert caught.value.name == name
+    assert caught.value.value == text
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(
+    st.text()
+    | st.from_regex(r"\AP(\d{1,14}[YMWD]){0,3}(T(\d{1,14}(\.\d{1,3})?[HMS]){1,3})?\Z")
+    | st.builds("P{}D".format, st.integers(min_value=-(10**15), max_value=10**15))
+)
+def test_any_text_parses_to_a_duration_in_range_or_is_rejected_with_a_value_error(text: str) -> None:
+    try:
+        parsed = staleness.parse(text)
+    except ValueError:
+        return
+    assert datetime.timedelta(0) <= parsed <= staleness.LONGEST
