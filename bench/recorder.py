@@ -142,10 +142,11 @@ def _stages(
     labelled: dict[str, float],
 ) -> dict[str, Any]:
     """Where each pod's lag went, from the operator's `recorded` log lines: PATCH sent → handler started (API
-    server, watch, kopf), the row, the label PATCH, and label written → seen by this client's watch."""
+    server, watch, kopf), the row, the CacheEntry object and Event, the label PATCH, and label written → seen by
+    this client's watch."""
     assert st.operator is not None
     uid_by_ref = {f"{namespace}/{pod['metadata']['name']}": uid for uid, pod in by_uid.items()}
-    delivery, row, label, seen = [], [], [], []
+    delivery, row, mirrored, label, seen = [], [], [], [], []
     for line in st.operator.logs().splitlines():
         try:
             record = json.loads(line)
@@ -156,13 +157,16 @@ def _stages(
             continue
         started = float(record["handler_started_at"])
         delivery.append((started - sent[uid]) * 1000)
+        spent = float(record["row_ms"]) + float(record["mirror_ms"]) + float(record["label_ms"])
         row.append(float(record["row_ms"]))
+        mirrored.append(float(record["mirror_ms"]))
         label.append(float(record["label_ms"]))
         if uid in labelled:
-            seen.append((labelled[uid] - started) * 1000 - float(record["row_ms"]) - float(record["label_ms"]))
+            seen.append((labelled[uid] - started) * 1000 - spent)
     return {
         "sent_to_handler": common.summarize(delivery),
         "row": common.summarize(row),
+        "mirror": common.summarize(mirrored),
         "label": common.summarize(label),
         "label_to_seen": common.summarize(seen),
     }

@@ -61,7 +61,13 @@ class Settings:
     resync_interval: float = 60.0
     """Seconds between passes over Succeeded pods still unrecorded (STEPCACHE_RESYNC_INTERVAL_SECONDS)."""
     expiry_interval: float = 300.0
-    """Seconds between background deletions of entries older than the cap."""
+    """Seconds between background deletions of expired entries (older than the cap, or unused too long)."""
+    gc_unused_after: datetime.timedelta | None = None
+    """Entries neither hit nor recorded for this long are deleted by the expiry timer; None: kept until the cap."""
+    reconcile_interval: float = 60.0
+    """Seconds between full comparisons of CacheEntry objects with the rows (Postgres wins)."""
+    status_interval: float = 5.0
+    """Seconds between CacheEntry status writes: a hot entry's object is written at most once per interval."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -78,6 +84,10 @@ class Settings:
         default_staleness = env.duration("STEPCACHE_DEFAULT_MAX_STALENESS", defaults.default_max_staleness)
         cap = env.duration("STEPCACHE_MAX_STALENESS", defaults.max_staleness, allow_none_word=True)
         signing_key_file = env.text("STEPCACHE_SIGNING_KEY_FILE", "")
+        unused_after = env.duration("STEPCACHE_GC_UNUSED_AFTER", defaults.gc_unused_after)
+        if unused_after is not None and unused_after <= datetime.timedelta(0):
+            # Zero would delete every entry at each expiry run: surely not what was meant.
+            raise errors.InvalidSetting("STEPCACHE_GC_UNUSED_AFTER", "must be longer than zero (or unset)")
         return cls(
             database_url=database_url,
             db_timeout=timeout_ms / 1000,
@@ -105,6 +115,11 @@ class Settings:
             db_pool_size=env.integer("STEPCACHE_DB_POOL_SIZE", defaults.db_pool_size, minimum=1, maximum=100),
             resync_interval=float(env.integer("STEPCACHE_RESYNC_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)),
             expiry_interval=float(env.integer("STEPCACHE_EXPIRY_INTERVAL_SECONDS", 300, minimum=1, maximum=86_400)),
+            gc_unused_after=unused_after,
+            reconcile_interval=float(
+                env.integer("STEPCACHE_RECONCILE_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)
+            ),
+            status_interval=float(env.integer("STEPCACHE_STATUS_INTERVAL_SECONDS", 5, minimum=1, maximum=3_600)),
         )
 
 

@@ -16,12 +16,15 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from stepcache import (
     admission,
+    cacheentry,
     config,
+    entries,
     errors,
     keys,
     kube,
     logs,
     metrics,
+    mirror,
     mutation,
     patches,
     recorder,
@@ -37,7 +40,7 @@ log = logs.get(__name__)
 
 WEBHOOK_ID = "mutate-pods"
 """kopf's WebhookServer routes POST /<handler id>: the MutatingWebhookConfiguration's path is /mutate-pods."""
-FINALIZER = "stepcache.dev/finalizer"
+FINALIZER = cacheentry.FINALIZER
 _POD_SELECTOR = ("v1", "pods")
 _NAMESPACE_SELECTOR = ("v1", "namespaces")
 _CONFIGMAP_SELECTOR = ("v1", "configmaps")
@@ -150,6 +153,7 @@ async def build_runtime(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
     log.info("database_ready", migrations_applied=applied)
+    cacheentries = mirror.Mirror(settings, store=cache, entries=entries.Entries(kube_api.api_client))
     # Primed here so the webhook, which kopf serves only after startup, never sees an empty set at first;
     # the namespace watch keeps it current from then on.
     namespaces = runtime.OptedInNamespaces()
@@ -171,6 +175,7 @@ async def build_runtime(
             cache_image=settings.cache_image, keep_node_constraints=settings.keep_node_constraints
         ),
         references=view,
+        mirror=cacheentries,
     )
 
 
@@ -229,9 +234,13 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         rec = recorder.Recorder(rt)
         memo["runtime"] = rt
         memo["recorder"] = rec
+        view: mirror.Mirror = rt.mirror  # type: ignore[assignment]  # build_runtime always sets it
         memo["tasks"] = [
             asyncio.create_task(rec.run(), name="stepcache-record-retries"),
-            asyncio.create_task(_expire_forever(rt), name="stepcache-expiry"),
+            asyncio.create_task(view.expire_forever(), name="stepcache-expiry"),
+            asyncio.create_task(view.reconcile_forever(), name="stepcache-cacheentry-reconcile"),
+            asyncio.create_task(view.statuses_forever(), name="stepcache-cacheentry-status"),
+            asyncio.create_task(view.hit_events_forever(), name="stepcache-hit-events"),
             asyncio.create_task(_resync_forever(rt, rec), name="stepcache-resync"),
         ]
         metrics.start_server(stepcache_settings.metrics_port)
@@ -277,6 +286,14 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
     async def record_succeeded(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rec: recorder.Recorder = memo["recorder"]
         await rec.handle(body)
+
+    # The finalizer (settings.persistence.finalizer, stepcache's own name) holds a CacheEntry until this returns;
+    # it returns once the row is gone, waiting out database outages itself: kopf's own retries would need progress
+    # storage, which writes nothing here.
+    @kopf.on.delete(cacheentry.GROUP, cacheentry.VERSION, cacheentry.PLURAL, id="invalidate-entry", registry=registry)
+    async def invalidate_entry(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        view: mirror.Mirror = memo["runtime"].mirror
+        await view.invalidate(body)
 
     @kopf.on.event(*_NAMESPACE_SELECTOR, id="opted-in-namespaces", registry=registry)
     async def namespace_event(
@@ -348,23 +365,6 @@ async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:
         else:
             if found:
                 log.info("resync_found_unrecorded", pods=found)
-
-
-async def _expire_forever(rt: runtime.Runtime) -> None:
-    """Delete entries older than the cap in the background, never inside the webhook."""
-    cap = rt.settings.max_staleness
-    if cap is None:
-        return
-    while True:
-        try:
-            deleted = await rt.store.expire(older_than=cap)
-        except errors.StoreUnavailable as exc:
-            log.warning("expiry_failed", error=str(exc))
-        else:
-            if deleted:
-                metrics.EXPIRED.inc(deleted)
-                log.info("expired", deleted=deleted, older_than=str(cap))
-        await asyncio.sleep(rt.settings.expiry_interval)
 
 
 def run(settings: config.Settings) -> None:

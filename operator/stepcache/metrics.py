@@ -7,7 +7,10 @@ import prometheus_client
 __all__ = [
     "ADMISSIONS",
     "ADMISSION_FAILURES",
+    "CACHEENTRY_WRITES",
+    "EVENTS",
     "EXPIRED",
+    "INVALIDATED",
     "RECORDED",
     "RECORD_GIVEN_UP",
     "RECORD_REJECTED",
@@ -34,11 +37,18 @@ RECORD_RETRIES = prometheus_client.Counter(
 )
 RECORD_STAGE_SECONDS = prometheus_client.Histogram(
     "stepcache_record_stage_seconds",
-    "Time spent in each stage of recording a pod: writing the row, patching the label; and the handler's wait.",
+    "Time spent in each stage of recording a pod: the row, the CacheEntry object and Event, the label.",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
+INVALIDATED = prometheus_client.Counter(
+    "stepcache_invalidated", "Entries deleted through their CacheEntry object (kubectl delete ce)."
+)
+CACHEENTRY_WRITES = prometheus_client.Counter(
+    "stepcache_cacheentry_writes", "Writes to CacheEntry objects, by operation.", ["operation"]
+)
+EVENTS = prometheus_client.Counter("stepcache_events", "Kubernetes Events posted on pods, by reason.", ["reason"])
 
 
 def start_server(port: int) -> None:

@@ -47,6 +47,7 @@ class _GiveUp(Exception):
 class _Recorded:
     entry_id: int
     row_seconds: float
+    mirror_seconds: float
     label_seconds: float
 
 
@@ -190,6 +191,7 @@ class Recorder:
                 attempt=attempt,
                 handler_started_at=round(started_at, 4),
                 row_ms=round(recorded.row_seconds * 1000, 2),
+                mirror_ms=round(recorded.mirror_seconds * 1000, 2),
                 label_ms=round(recorded.label_seconds * 1000, 2),
             )
 
@@ -258,6 +260,12 @@ class Recorder:
             return None
         metrics.RECORDED.inc()
         metrics.RECORD_STAGE_SECONDS.labels(stage="row").observe(row_seconds)
+        before_mirror = time.perf_counter()
+        if rt.mirror is not None:
+            # Before the label: a crash in between replays it on the next delivery (it never raises).
+            await rt.mirror.recorded(pod, entry_id=entry_id)
+        mirror_seconds = time.perf_counter() - before_mirror
+        metrics.RECORD_STAGE_SECONDS.labels(stage="mirror").observe(mirror_seconds)
         before_label = time.perf_counter()
         try:
             await rt.kube.label_cache_id(
@@ -269,7 +277,9 @@ class Recorder:
             raise _RetryLater("label-failed") from exc
         label_seconds = time.perf_counter() - before_label
         metrics.RECORD_STAGE_SECONDS.labels(stage="label").observe(label_seconds)
-        return _Recorded(entry_id=entry_id, row_seconds=row_seconds, label_seconds=label_seconds)
+        return _Recorded(
+            entry_id=entry_id, row_seconds=row_seconds, mirror_seconds=mirror_seconds, label_seconds=label_seconds
+        )
 
     async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
         """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""
