@@ -70,7 +70,7 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
         return Verdict(outcome="skip", patch={})
 
     try:
-        key = keys.compute(pod, namespace=namespace, options=rt.key_options)
+        key = keys.compute(pod, namespace=namespace, options=rt.key_options, references=rt.references)
     except errors.Uncacheable as exc:
         metrics.ADMISSION_FAILURES.labels(reason="uncacheable").inc()
         log.info("uncacheable", pod=_pod_ref(pod), reason=exc.reason)

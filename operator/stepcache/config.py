@@ -40,7 +40,7 @@ class Settings:
     keep_node_constraints: bool = False
     key_service_account: bool = False
     key_secret_content: bool = False
-    """Key referenced Secrets by HMACs of their values, not only by name and items."""
+    """Key referenced Secrets by HMACs of their values, not only by name and items (needs list/watch on Secrets)."""
     require_digest: bool = False
     signing_key_file: pathlib.Path | None = None
     namespace: str = "stepcache-system"
@@ -58,6 +58,8 @@ class Settings:
     db_pool_size: int = 16
     """Connections shared by the webhook and the recorder; at 4, 16 concurrent reviews queued for a connection
     until lookups hit their bound (docs/benchmarks.md)."""
+    resync_interval: float = 60.0
+    """Seconds between passes over Succeeded pods still unrecorded (STEPCACHE_RESYNC_INTERVAL_SECONDS)."""
     expiry_interval: float = 300.0
     """Seconds between background deletions of expired entries (older than the cap, or unused too long)."""
     gc_unused_after: datetime.timedelta | None = None
@@ -111,6 +113,7 @@ class Settings:
             log_format=env.choice("STEPCACHE_LOG_FORMAT", defaults.log_format, ("json", "console")),  # type: ignore[arg-type]
             log_level=env.choice("STEPCACHE_LOG_LEVEL", defaults.log_level, _LOG_LEVELS),
             db_pool_size=env.integer("STEPCACHE_DB_POOL_SIZE", defaults.db_pool_size, minimum=1, maximum=100),
+            resync_interval=float(env.integer("STEPCACHE_RESYNC_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)),
             expiry_interval=float(env.integer("STEPCACHE_EXPIRY_INTERVAL_SECONDS", 300, minimum=1, maximum=86_400)),
             gc_unused_after=unused_after,
             reconcile_interval=float(

@@ -90,7 +90,7 @@ async def operator(
 ) -> AsyncIterator[tuple[harness.Operator, aiohttp.ClientSession]]:
     certs = harness.webhook_tls(tmp_path)
     async with harness.emulated_cluster() as cluster:
-        await harness.create(cluster, harness.namespace(NAMESPACE, opted_in=True))
+        await harness.create_opted_in(cluster, NAMESPACE)
         launcher = harness.Launcher(cluster=cluster, certs=certs, tmp_path=tmp_path, monkeypatch=monkeypatch)
         async with (
             launcher.run(cache_url, opted_in=NAMESPACE, STEPCACHE_DB_TIMEOUT_MS="5000") as op,

@@ -51,7 +51,8 @@ def load_pod(name: str = "job-pod") -> dict[str, Any]:
 
 
 REFERENCES = references.ReferenceView()
-REFERENCES.put_configmap(NAMESPACE, "train-config", data={"epochs": "10"}, binary_data=None)
+REFERENCES.put_configmap(NAMESPACE, "train-config", data=harness.TRAIN_CONFIG, binary_data=None)
+REFERENCES.put_configmap(OTHER_NAMESPACE, "train-config", data=harness.TRAIN_CONFIG, binary_data=None)
 """What the operator's view must know of the ConfigMap job-pod.yaml reads, for these keys to be the operator's."""
 
 
@@ -120,8 +121,9 @@ def certs(tmp_path: pathlib.Path) -> harness.WebhookTLS:
 @pytest.fixture
 async def cluster() -> AsyncIterator[harness.Emulator]:
     async with harness.emulated_cluster() as emulated:
-        await harness.create(emulated, harness.namespace(NAMESPACE, opted_in=True))
+        await harness.create_opted_in(emulated, NAMESPACE)
         await harness.create(emulated, harness.namespace(OTHER_NAMESPACE, opted_in=False))
+        await harness.create(emulated, harness.configmap(OTHER_NAMESPACE, "train-config", harness.TRAIN_CONFIG))
         yield emulated
 
 

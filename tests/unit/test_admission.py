@@ -51,6 +51,7 @@ def make_runtime(fake: FakeStore) -> runtime.Runtime:
         namespaces=namespaces,
         key_options=keys.KeyOptions(),
         replay_options=mutation.ReplayOptions(cache_image="busybox:1.36.1"),
+        references=REFERENCES,
     )
 
 

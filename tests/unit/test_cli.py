@@ -92,7 +92,7 @@ def test_a_file_that_is_not_a_pod_is_a_clear_error(tmp_path: pathlib.Path) -> No
     job.write_text("kind: Job\napiVersion: batch/v1\n")
     result = stepcache("key", str(job))
     assert result.returncode == 2
-    assert "holds a Job, not a Pod or an AdmissionReview" in result.stderr
+    assert result.stderr.endswith(": kind: holds a 'Job', not a Pod or an AdmissionReview\n")
     missing = stepcache("key", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
