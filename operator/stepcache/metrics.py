@@ -7,6 +7,10 @@ import prometheus_client
 __all__ = [
     "ADMISSIONS",
     "ADMISSION_FAILURES",
+    "ARTIFACTS_STORED",
+    "ARTIFACTS_UNREPLAYABLE",
+    "BLOBS_COLLECTED",
+    "BLOB_REQUESTS",
     "EXPIRED",
     "RECORDED",
     "RECORD_REJECTED",
@@ -26,6 +30,18 @@ RECORD_RETRIES = prometheus_client.Counter(
     "stepcache_record_retries", "Recordings put back on the retry queue, by reason.", ["reason"]
 )
 EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
+ARTIFACTS_STORED = prometheus_client.Counter(
+    "stepcache_artifacts_stored", "Output artifacts read from Argo's repository into the blob store."
+)
+ARTIFACTS_UNREPLAYABLE = prometheus_client.Counter(
+    "stepcache_artifacts_unreplayable",
+    "Argo steps recorded as not replayable because of their output artifacts, by reason.",
+    ["reason"],
+)
+BLOB_REQUESTS = prometheus_client.Counter(
+    "stepcache_blob_requests", "Requests to the blob endpoint, by outcome.", ["outcome"]
+)
+BLOBS_COLLECTED = prometheus_client.Counter("stepcache_blobs_collected", "Blobs no entry referred to, deleted.")
 
 
 def start_server(port: int) -> None:
