@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import config, keys, kube, mutation, store
+from stepcache import blobs, config, keys, kube, mutation, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -40,3 +40,7 @@ class Runtime:
     namespaces: OptedInNamespaces
     key_options: keys.KeyOptions
     replay_options: mutation.ReplayOptions
+    blobs: blobs.BlobStore | None = None
+    """Output artifacts' bytes and locations; None where artifacts are not handled (then never served)."""
+    url_key: bytes = b""
+    """Signs blob URLs (`artifacts.url_key` of the signing key)."""
