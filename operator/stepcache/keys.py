@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from stepcache import argo, errors
+from stepcache import argo, artifacts, errors
 
 __all__ = [
     "ENABLED_LABEL",
@@ -183,12 +183,14 @@ def compute(
     namespace: str,
     options: KeyOptions,
     containers: Sequence[str] | None = None,
+    provenance: artifacts.Provenance = artifacts.UNKNOWN,
 ) -> Key:
     """The pod's key over `containers` (default: all of them, see `key_containers`).
 
     The recorder passes the names from the `stepcache.dev/key-containers` annotation, so containers injected later
     by other webhooks do not change the key. A named container missing from the pod, a name given twice or an empty
     selection raise `Uncacheable`; so does an Argo template that cannot be read (offloaded) or has no container.
+    `provenance` tells what the locations of Argo input artifacts hold (`artifacts.keyed_inputs`).
     """
     spec = pod.get("spec") or {}
     init_by_name = {c.get("name"): c for c in spec.get("initContainers") or []}
@@ -218,7 +220,7 @@ def compute(
         declared.update({v.get("name"): v for v in tmpl.get("volumes") or []})
     shaper = _Shaper(ignored_env=ignored_env(pod), declared=declared)
     if tmpl is not None:
-        material.update(_argo_material(tmpl, shaper=shaper))
+        material.update(_argo_material(tmpl, shaper=shaper, provenance=provenance))
     else:
         init = [init_by_name[name] for name in names if name in init_by_name]
         main = [main_by_name[name] for name in names if name in main_by_name]
@@ -228,7 +230,7 @@ def compute(
     return Key(value=digest(material), containers=names, material=material)
 
 
-def _argo_material(tmpl: Mapping[str, Any], *, shaper: _Shaper) -> dict[str, Any]:
+def _argo_material(tmpl: Mapping[str, Any], *, shaper: _Shaper, provenance: artifacts.Provenance) -> dict[str, Any]:
     """The Argo part of the material: allowlisted template fields, and what the volumes they mount hold.
 
     Kept from the template: `container`/`script` (shaped like a pod's container, plus the script's `source`),
@@ -236,8 +238,9 @@ def _argo_material(tmpl: Mapping[str, Any], *, shaper: _Shaper) -> dict[str, Any
     into them), and `podSpecPatch` when set, since it can change the main container. Left out: `name` and
     `metadata` (they do not change what the step computes, and template metadata may carry per-run values),
     `archiveLocation` (its key names the workflow and the pod, so it differs on every run), and scheduling,
-    retries and deadlines. Input artifacts stay as written, locations included: two runs share a key only when they
-    read the same stored artifact, as another location may hold other bytes.
+    retries and deadlines. An input artifact whose location `provenance` knows is keyed by the content stored there
+    (each run uploads under new keys, so a location never repeats); any other stays as written, location included,
+    as another location may hold other bytes.
 
     `volumes` covers what the template's containers mount, from the template's own volumes or, for workflow-level
     volumes the template does not declare, from the pod: so another ConfigMap or claim gives another key. A claim
@@ -257,7 +260,12 @@ def _argo_material(tmpl: Mapping[str, Any], *, shaper: _Shaper) -> dict[str, Any
         shaped["script"] = {**shaper.container(script), "source": str(script.get("source") or "")}
     shaped["initContainers"] = [shaper.container(c) for c in tmpl.get("initContainers") or []]
     shaped["sidecars"] = [shaper.container(c) for c in tmpl.get("sidecars") or []]
-    shaped["inputs"] = _as_written(tmpl.get("inputs") or {})
+    inputs = tmpl.get("inputs")
+    shaped["inputs"] = (
+        artifacts.keyed_inputs(tmpl, provenance=provenance)
+        if isinstance(inputs, Mapping)
+        else _as_written(inputs or {})
+    )
     shaped["outputs"] = _as_written(tmpl.get("outputs") or {})
     if tmpl.get("podSpecPatch"):
         shaped["podSpecPatch"] = _as_written(tmpl["podSpecPatch"])
