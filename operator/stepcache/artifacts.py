@@ -246,7 +246,8 @@ def record_plan(tmpl: Mapping[str, Any], *, task_result: Mapping[str, Any]) -> l
     """
     reported: dict[str, Mapping[str, Any]] = {}
     outputs = task_result.get("outputs")
-    for art in (outputs.get("artifacts") if isinstance(outputs, Mapping) else None) or []:
+    listed = outputs.get("artifacts") if isinstance(outputs, Mapping) else None
+    for art in listed if isinstance(listed, list) else []:
         if isinstance(art, Mapping) and isinstance(art.get("name"), str):
             reported[art["name"]] = art
     archive_s3 = _archive_s3(tmpl)
