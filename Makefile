@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration e2e lint deps system-deps control-plane bench clean
+.PHONY: demo test unit integration e2e lint deps system-deps control-plane argo bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ system-deps:
 control-plane: system-deps
 	@hack/cluster/build.sh >/dev/null
 
+# Argo Workflows' workflow-controller and argoexec, for the Argo e2e tests (cached like the control plane).
+argo:
+	@hack/cluster/build-argo.sh >/dev/null
+
 lint: deps
 	$(VENV)/bin/ruff check $(wildcard operator tests hack bench)
 	$(VENV)/bin/ruff format --check $(wildcard operator tests hack bench)
@@ -33,10 +37,10 @@ unit: deps
 integration: deps system-deps
 	$(VENV)/bin/pytest tests/integration -q
 
-e2e: deps control-plane
+e2e: deps control-plane argo
 	$(VENV)/bin/pytest tests/e2e -q
 
-test: deps control-plane lint
+test: deps control-plane argo lint
 	$(VENV)/bin/pytest tests -q -p no:cacheprovider
 
 demo: deps control-plane

@@ -4,14 +4,27 @@ A real kubelet needs a container runtime, images and cgroups; stepcache's claims
 that are admitted, scheduled, run and reported exactly as a kubelet reports them: phases, conditions, container
 states with exit codes and termination messages. So this kubelet registers a Ready Node, keeps its Lease fresh,
 and runs each container's command+args as a host process, with the container's environment resolved the way the
-kubelet resolves it (`$(VAR)` expansion, ConfigMap/Secret/field references, envFrom). bubblewrap gives every
-container its own termination-message file at the container's terminationMessagePath.
+kubelet resolves it (`$(VAR)` expansion, ConfigMap/Secret/field references, envFrom).
 
-Not simulated: images (the host's `sh`/`python3` run the commands), volumes, cgroups and resource limits,
-networking (every pod has IP 127.0.0.1), probes, securityContext, `kubectl logs/exec` (logs are files under the
-logs directory instead).
+Each container runs under bubblewrap in a root of its own: the host's top-level directories bound back (so the
+host's programs stand in for the image's), but a private `/tmp`, `/run` and `/root` per container, as an image's
+writable layer would be — nothing written there leaks between containers or pods, and no kubeconfig of the host is
+visible. The pod's volumes are directories under the pod's logs directory, bind-mounted at each container's
+mountPaths with `subPath` and `readOnly`: emptyDir, hostPath (also through a claim bound to a hostPath
+PersistentVolume), secret and configMap (with `items`), downwardAPI, and projected ones, including the
+ServiceAccount token volume (a TokenRequest token bound to the pod, `ca.crt`, `namespace`). With
+`KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` in the environment, in-cluster clients reach the API server as
+from a real pod. `--image-bin DIR` puts a directory of programs first on every container's PATH (e.g. Argo's
+`argoexec`, which its pods run by name). Each container has its own termination-message file at its
+terminationMessagePath.
 
-Run it as `python -m hack.cluster.kubelet --kubeconfig F --node NAME --logs DIR`, in-process with
+Not simulated: images (the host's `sh`/`python3` run the commands), updates to volumes after the pod started
+(token rotation, changed Secrets), cgroups and resource limits, networking (every pod has IP 127.0.0.1), probes,
+securityContext, `kubectl logs/exec` (logs are files under the logs directory instead). A mountPath below a host
+directory that does not exist there is created on the host (mountPaths under `/tmp`, `/run`, `/root`, or a new
+top-level directory, as Argo's are, leave the host alone).
+
+Run it as `python -m hack.cluster.kubelet --kubeconfig F --node NAME --logs DIR [--image-bin DIR]`, in-process with
 `run_kubelet(...)`, or as a managed subprocess with `KubeletProcess`.
 """
 
@@ -37,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,10 +65,14 @@ __all__ = [
     "Credentials",
     "Kubelet",
     "KubeletProcess",
+    "Mount",
+    "container_mounts",
     "expand",
     "load_kubeconfig",
     "main",
+    "relative_path",
     "run_kubelet",
+    "sandbox_path",
     "schedulable",
 ]
 
@@ -65,6 +83,13 @@ log = logging.getLogger("stepcache.kubelet")
 KUBELET_VERSION = "v1.36.3"
 POD_IP = "127.0.0.1"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Private to each container (fresh and empty, like an image's writable layer), not the host's.
+PRIVATE_DIRS = ("/tmp", "/run", "/root")
+# Where the --image-bin directories appear in a container: a new top-level directory, so the host is not touched.
+IMAGE_BIN = "/stepcache-image"
+# What ServiceAccount admission asks for; the kubelet requests the same when a projection does not say.
+TOKEN_SECONDS = 3607
+HOST_ROOT = pathlib.Path("/")
 HEARTBEAT_SECONDS = 5.0
 LEASE_SECONDS = 40
 # A real kubelet backs off from 10 s to 5 min between restarts; tests cannot wait that long.
@@ -167,6 +192,10 @@ class Api:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def server(self) -> str:
+        return self._credentials.server
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -312,6 +341,133 @@ def schedulable(node: Json) -> bool:
     return conditions.get("Ready") == "True" and not blocking and not spec.get("unschedulable")
 
 
+# --- the container's file system ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Mount:
+    """One volumeMount as bubblewrap binds it: a host path at a path inside the container."""
+
+    source: pathlib.Path
+    target: str
+    read_only: bool
+
+
+def _within(path: pathlib.PurePosixPath, roots: Sequence[str]) -> bool:
+    return any(path == pathlib.PurePosixPath(root) or pathlib.PurePosixPath(root) in path.parents for root in roots)
+
+
+def sandbox_path(path: str, *, private: Sequence[str] = PRIVATE_DIRS, host: pathlib.Path = HOST_ROOT) -> str:
+    """Where `path` is inside a container: symlinks of the host's directories resolved (`/var/run` → `/run`).
+
+    A container sees the host's directories, so a symlink there is followed as the container would follow it; a
+    mount point must be given as the real path (bubblewrap does not create mount points through symlinks). Below a
+    private directory or another mount the host has no say, and the rest of the path is kept as written.
+    """
+    parts = list(pathlib.PurePosixPath(path).parts[1:])
+    resolved = pathlib.PurePosixPath("/")
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        candidate = resolved / part
+        if _within(candidate, private):
+            return str(candidate.joinpath(*parts))
+        on_host = host / candidate.relative_to("/")
+        if not on_host.is_symlink():
+            if not on_host.exists():
+                return str(candidate.joinpath(*parts))
+            resolved = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise ContainerConfigError(f"too many symbolic links resolving mountPath {path}")
+        target = pathlib.PurePosixPath(os.readlink(on_host))
+        if target.is_absolute():
+            resolved = pathlib.PurePosixPath("/")
+            parts = list(target.parts[1:]) + parts
+        else:
+            parts = list(target.parts) + parts
+    return str(resolved)
+
+
+def relative_path(path: str, *, what: str) -> pathlib.PurePosixPath:
+    """A path inside a volume, refused when it could leave the volume (as the API server and kubelet refuse it)."""
+    relative = pathlib.PurePosixPath(path)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ContainerConfigError(f"{what} {path!r} must be a relative path without '..'")
+    return relative
+
+
+def container_mounts(
+    container: Json, volumes: Mapping[str, pathlib.Path], env: Mapping[str, str], *, host: pathlib.Path = HOST_ROOT
+) -> list[Mount]:
+    """The container's volumeMounts as binds, parents before children; a missing subPath is created (a directory)."""
+    mounts: list[Mount] = []
+    specs = container.get("volumeMounts") or []
+    for spec in specs:
+        name = spec["name"]
+        if name not in volumes:
+            raise ContainerConfigError(f"volume {name!r} of mount {spec.get('mountPath')} is not a volume of the pod")
+        source = volumes[name]
+        sub_path = spec.get("subPath") or expand(spec.get("subPathExpr") or "", env)
+        if sub_path:
+            source = source / relative_path(sub_path, what="subPath")
+            if not source.exists() and not source.is_symlink():
+                source.mkdir(parents=True)
+        others = [str(other["mountPath"]) for other in specs if other is not spec]
+        target = sandbox_path(spec["mountPath"], private=(*PRIVATE_DIRS, IMAGE_BIN, *others), host=host)
+        mounts.append(Mount(source=source, target=target, read_only=bool(spec.get("readOnly"))))
+    return sorted(mounts, key=lambda mount: len(pathlib.PurePosixPath(mount.target).parts))
+
+
+def sandbox_args(
+    *,
+    mounts: Sequence[Mount],
+    image_bins: Sequence[pathlib.Path],
+    message_file: pathlib.Path,
+    message_path: str,
+    working_dir: str,
+    host: pathlib.Path = HOST_ROOT,
+) -> list[str]:
+    """bubblewrap's arguments for one container: its root, private directories, image programs, volumes, message."""
+    args: list[str] = []
+    skipped = {*PRIVATE_DIRS, "/dev", "/proc", IMAGE_BIN}
+    for entry in sorted(host.iterdir()):
+        inside = f"/{entry.name}"
+        if inside in skipped:
+            continue
+        if entry.is_symlink():
+            args += ["--symlink", os.readlink(entry), inside]
+        elif entry.is_dir():
+            args += ["--dev-bind", str(entry), inside]
+        else:
+            args += ["--bind", str(entry), inside]
+    # A private /dev and /proc: the PID namespace takes every process down with the container.
+    args += ["--dev", "/dev", "--proc", "/proc"]
+    for private in PRIVATE_DIRS:
+        args += ["--tmpfs", private]
+    for index, directory in enumerate(image_bins):
+        args += ["--ro-bind", str(directory), f"{IMAGE_BIN}/bin{index}"]
+    for mount in mounts:
+        args += ["--ro-bind" if mount.read_only else "--bind", str(mount.source), mount.target]
+    target = sandbox_path(message_path, private=(*PRIVATE_DIRS, "/dev", *(m.target for m in mounts)), host=host)
+    args += ["--bind", str(message_file), target, "--chdir", working_dir]
+    return args
+
+
+def _write_files(directory: pathlib.Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+    """Write a Secret/ConfigMap/projected volume's files (each with its mode) under its directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (data, mode) in files.items():
+        path = directory / relative_path(name, what="volume item path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(mode)
+
+
 # --- pods -----------------------------------------------------------------------------------------------------------
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -400,6 +556,8 @@ class _PodWorker:
         self.abandoned = False
         """The pod is gone from the API, or the kubelet is shutting down: stop, and report nothing more."""
         self.task: asyncio.Task[None] | None = None
+        self.volumes: dict[str, pathlib.Path] = {}
+        """Each volume's host path (a directory under the pod's, or a hostPath), filled before any container runs."""
         self._sidecars: list[asyncio.Task[None]] = []
         self._publish_lock = asyncio.Lock()
 
@@ -455,6 +613,7 @@ class _PodWorker:
         timer = asyncio.create_task(self._deadline(float(deadline))) if deadline else None
         try:
             await self.publish()
+            await self._prepare_volumes()
             await self._run_init_containers()
             self.initialized = True
             for container in self.containers:
@@ -485,6 +644,26 @@ class _PodWorker:
             self.phase, self.reason = "Failed", "DeadlineExceeded"
             self.message = "Pod was active on the node longer than the specified deadline."
             self.stopping.set()
+
+    async def _prepare_volumes(self) -> None:
+        """Fill every volume before the first container starts; while one cannot be (a Secret is missing), wait."""
+        while not self.stopping.is_set():
+            try:
+                self.volumes = {
+                    volume["name"]: await self.kubelet.prepare_volume(
+                        self.pod, volume, self.dir / "volumes" / volume["name"]
+                    )
+                    for volume in self.pod["spec"].get("volumes") or []
+                }
+                return
+            except (ContainerConfigError, ApiError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                log.warning("volumes_not_ready pod=%s/%s error=%s", self.namespace, self.name, exc)
+                for container in self.init_containers + self.containers:
+                    if "waiting" in container.state:
+                        container.state = {"waiting": {"reason": "ContainerCreating", "message": str(exc)}}
+                await self.publish()
+                await self._pause(1.0)
+        raise _StopPodError
 
     async def _run_init_containers(self) -> None:
         for container in self.init_containers:
@@ -551,12 +730,13 @@ class _PodWorker:
             if started is not None:
                 started.set()
 
-    async def _environment(self, container: _Container) -> dict[str, str] | None:
-        """The container's environment, waiting (as CreateContainerConfigError) while a reference is missing."""
+    async def _config(self, container: _Container) -> tuple[dict[str, str], list[Mount]] | None:
+        """The container's environment and mounts, waiting (as CreateContainerConfigError) while one cannot be made."""
         while not self.stopping.is_set():
             try:
-                return await self.kubelet.environment(self.pod, container.spec)
-            except (ContainerConfigError, ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                env = await self.kubelet.environment(self.pod, container.spec)
+                return env, container_mounts(container.spec, self.volumes, env)
+            except (ContainerConfigError, ApiError, aiohttp.ClientError, TimeoutError, OSError) as exc:
                 container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
                 await self.publish()
                 await self._pause(2.0)
@@ -564,9 +744,10 @@ class _PodWorker:
 
     async def _run_once(self, container: _Container, *, started: asyncio.Event | None) -> None:
         spec = container.spec
-        env = await self._environment(container)
-        if env is None:
+        config = await self._config(container)
+        if config is None:
             return
+        env, mounts = config
         command = [expand(part, env) for part in spec.get("command") or []]
         args = [expand(part, env) for part in spec.get("args") or []]
         stamp = now()
@@ -588,22 +769,21 @@ class _PodWorker:
         log_file = self.dir / f"{base}.log"
         message_file = self.dir / f"{base}.termination-log"
         message_file.write_bytes(b"")
-        process_env = {"PATH": DEFAULT_PATH, "HOSTNAME": self.name, "HOME": "/root", **env}
-        argv = [
-            self.kubelet.bwrap,
-            # The host's file system, but a private /dev and /proc: the termination-message file is mounted into
-            # this container's view only, and the PID namespace takes every process down with the container.
-            "--dev-bind", "/", "/",
-            "--dev", "/dev",
-            "--proc", "/proc",
-            "--unshare-pid",
-            "--die-with-parent",
-            "--bind", str(message_file), spec.get("terminationMessagePath") or "/dev/termination-log",
-            "--chdir", spec.get("workingDir") or "/",
-            "--",
-            *command,
-            *args,
-        ]  # fmt: skip
+        process_env = {
+            "PATH": self.kubelet.path,
+            "HOSTNAME": self.name,
+            "HOME": "/root",
+            **self.kubelet.service_env,
+            **env,
+        }
+        sandbox = sandbox_args(
+            mounts=mounts,
+            image_bins=self.kubelet.image_bins,
+            message_file=message_file,
+            message_path=spec.get("terminationMessagePath") or "/dev/termination-log",
+            working_dir=spec.get("workingDir") or "/",
+        )
+        argv = [self.kubelet.bwrap, "--unshare-pid", "--die-with-parent", *sandbox, "--", *command, *args]
         with log_file.open("ab") as output:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -762,6 +942,26 @@ class _PodWorker:
             log.error("status_given_up pod=%s/%s", self.namespace, self.name)
 
 
+def _local_volume(volume: Json, directory: pathlib.Path) -> pathlib.Path | None:
+    """An emptyDir's or hostPath's directory (nothing to fetch for them); None for the other kinds."""
+    if "hostPath" in volume:
+        source = volume["hostPath"]
+        path = pathlib.Path(source["path"])
+        # A missing path with no type (or DirectoryOrCreate) becomes a directory, as container runtimes make it.
+        if source.get("type", "") in ("", "DirectoryOrCreate") and not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    if "emptyDir" in volume:
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+    return None
+
+
+def _mode(source: Json) -> int:
+    """A volume's defaultMode (0644 unless it says)."""
+    return int(source.get("defaultMode", 0o644))
+
+
 def _lost() -> Json:
     # What a kubelet reports for a container that vanished with the previous kubelet process.
     return {
@@ -802,11 +1002,22 @@ class Kubelet:
         logs_dir: pathlib.Path,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         bwrap: str | None = None,
+        image_bins: Sequence[pathlib.Path] = (),
     ) -> None:
         self.api = api
         self.node = node
         self.logs_dir = logs_dir
         self.heartbeat_seconds = heartbeat_seconds
+        self.image_bins = [path.resolve() for path in image_bins]
+        self.path = ":".join([*(f"{IMAGE_BIN}/bin{i}" for i in range(len(self.image_bins))), DEFAULT_PATH])
+        """Every container's PATH unless its spec sets one: the image programs first."""
+        server = urllib.parse.urlsplit(api.server)
+        self.service_env = {
+            "KUBERNETES_SERVICE_HOST": server.hostname or POD_IP,
+            "KUBERNETES_SERVICE_PORT": str(server.port or 443),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(server.port or 443),
+        }
+        """What a kubelet gives every container so in-cluster clients find the API server."""
         found = bwrap or shutil.which("bwrap")
         if not found:
             raise RuntimeError("bubblewrap (bwrap) is needed for termination-message paths: apt-get install bubblewrap")
@@ -1083,30 +1294,146 @@ class Kubelet:
 
     async def _data(self, namespace: str, kind: str, reference: Json) -> dict[str, str] | None:
         """A ConfigMap's or Secret's data as text; None when it is missing but optional."""
-        name = reference["name"]
+        data = await self._bytes(namespace, kind, reference["name"], optional=bool(reference.get("optional")))
+        if data is None:
+            return None
+        return {key: value.decode("utf-8", errors="replace") for key, value in data.items()}
+
+    async def _bytes(self, namespace: str, kind: str, name: str, *, optional: bool) -> dict[str, bytes] | None:
+        """A ConfigMap's or Secret's data as bytes; None when it is missing but optional."""
         try:
             found = await self.api.request("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}")
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            if reference.get("optional"):
+            if optional:
                 return None
             label = "configmap" if kind == "configmaps" else "secret"
             raise ContainerConfigError(f'{label} "{name}" not found') from exc
         if kind == "secrets":
-            return {
-                k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in (found.get("data") or {}).items()
-            }
-        data: dict[str, str] = dict(found.get("data") or {})
+            return {key: base64.b64decode(value) for key, value in (found.get("data") or {}).items()}
+        data = {key: str(value).encode() for key, value in (found.get("data") or {}).items()}
         for key, value in (found.get("binaryData") or {}).items():
-            data[key] = base64.b64decode(value).decode("utf-8", errors="replace")
+            data[key] = base64.b64decode(value)
         return data
 
+    # -- volumes --
 
-async def run_kubelet(*, kubeconfig: pathlib.Path, node: str, logs_dir: pathlib.Path) -> None:
+    async def prepare_volume(self, pod: Json, volume: Json, directory: pathlib.Path) -> pathlib.Path:
+        """Fill one volume's directory as a kubelet would before the containers start; return the path to mount."""
+        if "persistentVolumeClaim" in volume:
+            volume = {"name": volume["name"], **await self._claimed_volume(pod, volume["persistentVolumeClaim"])}
+        local = _local_volume(volume, directory)
+        if local is not None:
+            return local
+        if "secret" in volume:
+            source = volume["secret"]
+            files = await self._key_files(pod, "secrets", source.get("secretName", ""), source, mode=_mode(source))
+        elif "configMap" in volume:
+            source = volume["configMap"]
+            files = await self._key_files(pod, "configmaps", source.get("name", ""), source, mode=_mode(source))
+        elif "downwardAPI" in volume:
+            source = volume["downwardAPI"]
+            files = self._downward_files(pod, source, mode=_mode(source))
+        elif "projected" in volume:
+            files = {}
+            mode = _mode(volume["projected"])
+            for source in volume["projected"].get("sources") or []:
+                files.update(await self._projected_files(pod, source, mode=mode))
+        else:
+            kinds = sorted(set(volume) - {"name"})
+            raise ContainerConfigError(
+                f"volume {volume['name']}: {', '.join(kinds)} is not supported by the process kubelet (it supports"
+                " emptyDir, hostPath, secret, configMap, downwardAPI, projected, and claims bound to hostPath"
+                " PersistentVolumes)"
+            )
+        _write_files(directory, files)
+        return directory
+
+    async def _claimed_volume(self, pod: Json, claim: Json) -> Json:
+        """The source of the PersistentVolume a claim is bound to (waiting while it is unbound)."""
+        namespace = pod["metadata"]["namespace"]
+        found = await self.api.request(
+            "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim['claimName']}"
+        )
+        name = (found.get("spec") or {}).get("volumeName")
+        if not name or (found.get("status") or {}).get("phase") != "Bound":
+            raise ContainerConfigError(f"persistentvolumeclaim {claim['claimName']!r} is not bound")
+        volume = await self.api.request("GET", f"/api/v1/persistentvolumes/{name}")
+        source = {key: value for key, value in volume["spec"].items() if key == "hostPath"}
+        if not source:
+            raise ContainerConfigError(f"persistentvolume {name!r} is not a hostPath volume")
+        return source
+
+    async def _key_files(
+        self, pod: Json, kind: str, name: str, source: Json, *, mode: int
+    ) -> dict[str, tuple[bytes, int]]:
+        """A Secret's or ConfigMap's keys as files: every key, or only the listed `items` at their paths."""
+        optional = bool(source.get("optional"))
+        data = await self._bytes(pod["metadata"]["namespace"], kind, name, optional=optional)
+        if data is None:
+            return {}
+        items = source.get("items")
+        if not items:
+            return {key: (value, mode) for key, value in data.items()}
+        files = {}
+        for item in items:
+            if item["key"] not in data:
+                if optional:
+                    continue
+                label = "configmap" if kind == "configmaps" else "secret"
+                raise ContainerConfigError(f'{label} "{name}" has no key {item["key"]!r}')
+            files[item["path"]] = (data[item["key"]], int(item.get("mode", mode)))
+        return files
+
+    def _downward_files(self, pod: Json, source: Json, *, mode: int) -> dict[str, tuple[bytes, int]]:
+        files = {}
+        for item in source.get("items") or []:
+            if "fieldRef" in item:
+                value = field_value(pod, item["fieldRef"]["fieldPath"])
+            else:
+                reference = item["resourceFieldRef"]
+                containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+                named = [c for c in containers if c["name"] == reference.get("containerName")]
+                value = resource_value(named[0] if named else {}, reference)
+            files[item["path"]] = (value.encode(), int(item.get("mode", mode)))
+        return files
+
+    async def _projected_files(self, pod: Json, source: Json, *, mode: int) -> dict[str, tuple[bytes, int]]:
+        if "serviceAccountToken" in source:
+            token = source["serviceAccountToken"]
+            return {token["path"]: (await self._token(pod, token), mode)}
+        if "secret" in source:
+            return await self._key_files(pod, "secrets", source["secret"].get("name", ""), source["secret"], mode=mode)
+        if "configMap" in source:
+            config_map = source["configMap"]
+            return await self._key_files(pod, "configmaps", config_map.get("name", ""), config_map, mode=mode)
+        if "downwardAPI" in source:
+            return self._downward_files(pod, source["downwardAPI"], mode=mode)
+        raise ContainerConfigError(f"projected source {sorted(source)} is not supported by the process kubelet")
+
+    async def _token(self, pod: Json, projection: Json) -> bytes:
+        """A ServiceAccount token bound to the pod (it stops working when the pod is deleted), as a kubelet gets it."""
+        metadata = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        spec: Json = {
+            "expirationSeconds": int(projection.get("expirationSeconds", TOKEN_SECONDS)),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": metadata["name"], "uid": metadata["uid"]},
+        }
+        if projection.get("audience"):
+            spec["audiences"] = [projection["audience"]]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        path = f"/api/v1/namespaces/{metadata['namespace']}/serviceaccounts/{account}/token"
+        issued = await self.api.request("POST", path, body=body)
+        return str(issued["status"]["token"]).encode()
+
+
+async def run_kubelet(
+    *, kubeconfig: pathlib.Path, node: str, logs_dir: pathlib.Path, image_bins: Sequence[pathlib.Path] = ()
+) -> None:
     """Run a process kubelet in this event loop until cancelled."""
     async with Api(load_kubeconfig(kubeconfig)) as api:
-        await Kubelet(api, node=node, logs_dir=logs_dir).run()
+        await Kubelet(api, node=node, logs_dir=logs_dir, image_bins=image_bins).run()
 
 
 # --- as a subprocess ------------------------------------------------------------------------------------------------
@@ -1115,11 +1442,20 @@ async def run_kubelet(*, kubeconfig: pathlib.Path, node: str, logs_dir: pathlib.
 class KubeletProcess:
     """The process kubelet as a managed subprocess (what the e2e tests and the demo use)."""
 
-    def __init__(self, *, kubeconfig: pathlib.Path, node: str, logs_dir: pathlib.Path, log_file: pathlib.Path) -> None:
+    def __init__(
+        self,
+        *,
+        kubeconfig: pathlib.Path,
+        node: str,
+        logs_dir: pathlib.Path,
+        log_file: pathlib.Path,
+        image_bins: Sequence[pathlib.Path] = (),
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.node = node
         self.logs_dir = logs_dir
         self.log_file = log_file
+        self.image_bins = list(image_bins)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -1130,6 +1466,7 @@ class KubeletProcess:
         argv = [
             sys.executable, "-m", "hack.cluster.kubelet",
             "--kubeconfig", str(self.kubeconfig), "--node", self.node, "--logs", str(self.logs_dir),
+            *(arg for path in self.image_bins for arg in ("--image-bin", str(path))),
         ]  # fmt: skip
         self._process = controlplane.spawn(argv, log_file=self.log_file, cwd=controlplane.REPO)
 
@@ -1155,6 +1492,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", type=pathlib.Path, required=True)
     parser.add_argument("--node", default="stepcache-node")
     parser.add_argument("--logs", type=pathlib.Path, required=True, help="where container logs are kept")
+    parser.add_argument(
+        "--image-bin",
+        type=pathlib.Path,
+        action="append",
+        default=[],
+        help="a directory of programs the pods' images would carry, first on every container's PATH (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.Formatter.converter = time.gmtime
@@ -1166,7 +1510,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await run_kubelet(kubeconfig=args.kubeconfig, node=args.node, logs_dir=args.logs)
+            await run_kubelet(kubeconfig=args.kubeconfig, node=args.node, logs_dir=args.logs, image_bins=args.image_bin)
 
     asyncio.run(serve())
 

@@ -1,9 +1,10 @@
 """End-to-end fixtures: one real control plane and one process kubelet for the whole session.
 
 Starting the control plane takes seconds, so every test shares it and isolates itself in a namespace of its own.
-Nothing here skips: missing binaries are built (hack/cluster/build.sh) before the first test runs, outside any
-test's timeout. When a test fails, the control plane's work directory — logs of every component, the kubelet and
-each container — is kept and its path printed.
+Nothing here skips: missing binaries are built (hack/cluster/build.sh, and hack/cluster/build-argo.sh when a
+collected test uses the `argo` fixture) before the first test runs, outside any test's timeout. When a test
+fails, the control plane's work directory — logs of every component, the kubelet and each container — is kept and
+its path printed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
+from hack.cluster import argo as argo_harness
 from hack.cluster import controlplane
 from hack.cluster import kubelet as process_kubelet
 from hack.cluster.controlplane import wait_for
+
+# Argo Workflows in the shared control plane (CRDs, workflow-controller, S3), for the Argo tests.
+from tests.e2e.argo_fixtures import argo, argo_namespace, s3  # noqa: F401
 
 # stepcache installed into the shared control plane (operator, webhook, Postgres), for the tests of stepcache itself.
 from tests.e2e.stepcache_fixtures import cluster, database, namespace, stepcache  # noqa: F401
@@ -26,6 +31,7 @@ __all__ = ["NODE", "wait_for"]
 NODE = "stepcache-node"
 _HERE = pathlib.Path(__file__).resolve().parent
 _KEPT = pytest.StashKey[pathlib.Path]()
+_NEEDS_ARGO = pytest.StashKey[bool]()
 
 
 def _is_e2e(item: pytest.Item) -> bool:
@@ -42,8 +48,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # A cold build takes minutes: do it here, before any test (and its timeout) starts.
-    if not session.config.option.collectonly and any(_is_e2e(item) for item in session.items):
+    if session.config.option.collectonly:
+        return
+    if any(_is_e2e(item) for item in session.items):
         controlplane.bin_dir()
+    needs_argo = any("argo" in getattr(item, "fixturenames", ()) for item in session.items)
+    session.config.stash[_NEEDS_ARGO] = needs_argo
+    if needs_argo:
+        argo_harness.build_dir()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -78,13 +90,20 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[controlplane.Contr
 
 
 @pytest.fixture(scope="session")
-def kubelet(control_plane: controlplane.ControlPlane) -> Iterator[process_kubelet.KubeletProcess]:
-    """The process kubelet, running as a subprocess; yielded once its node is Ready and schedulable."""
+def kubelet(
+    control_plane: controlplane.ControlPlane, request: pytest.FixtureRequest
+) -> Iterator[process_kubelet.KubeletProcess]:
+    """The process kubelet, running as a subprocess; yielded once its node is Ready and schedulable.
+
+    In a session with Argo tests, `argoexec` is on its containers' PATH, as it is in Argo's executor image.
+    """
+    needs_argo = request.config.stash.get(_NEEDS_ARGO, False)
     process = process_kubelet.KubeletProcess(
         kubeconfig=control_plane.kubeconfig,
         node=NODE,
         logs_dir=control_plane.logs_dir / "pods",
         log_file=control_plane.logs_dir / "kubelet.log",
+        image_bins=[argo_harness.bin_dir()] if needs_argo else [],
     )
     process.start()
     try:

@@ -6,6 +6,7 @@ Every other end-to-end test builds on these behaviours, so they are proved here 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import pathlib
 import re
@@ -41,6 +42,17 @@ def with_env(pod: dict[str, Any], name: str, value: str) -> dict[str, Any]:
         for variable in container.get("env", []):
             if variable["name"] == name:
                 variable["value"] = value
+    return pod
+
+
+def with_host_dir(pod: dict[str, Any], directory: pathlib.Path) -> dict[str, Any]:
+    """Mount a host directory at the same path in every container (hostPath): how a pod shares files with the host.
+
+    A container's /tmp is its own, so a test's tmp_path is only seen inside the pod through such a mount.
+    """
+    pod["spec"].setdefault("volumes", []).append({"name": "host", "hostPath": {"path": str(directory)}})
+    for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+        container.setdefault("volumeMounts", []).append({"name": "host", "mountPath": str(directory)})
     return pod
 
 
@@ -154,7 +166,7 @@ def test_an_init_container_runs_to_completion_before_the_main_container(
     plain_namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
-    pod = with_env(load("init-pod.yaml")[0], "MARKER", str(tmp_path / "marker"))
+    pod = with_host_dir(with_env(load("init-pod.yaml")[0], "MARKER", str(tmp_path / "marker")), tmp_path)
     name = create(control_plane, plain_namespace, pod)["metadata"]["name"]
 
     pod = control_plane.wait_for_pod(plain_namespace, name)
@@ -174,7 +186,9 @@ def test_restart_policy_on_failure_reruns_a_failed_container(
     plain_namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
-    pod = with_env(load("restart-on-failure-pod.yaml")[0], "MARKER", str(tmp_path / "first-run"))
+    pod = with_host_dir(
+        with_env(load("restart-on-failure-pod.yaml")[0], "MARKER", str(tmp_path / "first-run")), tmp_path
+    )
     name = create(control_plane, plain_namespace, pod)["metadata"]["name"]
 
     pod = control_plane.wait_for_pod(plain_namespace, name)
@@ -184,6 +198,38 @@ def test_restart_policy_on_failure_reruns_a_failed_container(
     assert status["restartCount"] == 1
     assert status["lastState"]["terminated"]["exitCode"] == 1
     assert status["state"]["terminated"]["message"] == "second"
+
+
+def test_volumes_are_mounted_at_their_paths_and_tmp_is_private_to_each_container(
+    control_plane: controlplane.ControlPlane, kubelet: process_kubelet.KubeletProcess, plain_namespace: str
+) -> None:
+    name = create_all(control_plane, plain_namespace, "volumes-pod.yaml")["metadata"]["name"]
+
+    pod = control_plane.wait_for_pod(plain_namespace, name)
+
+    assert pod["status"]["phase"] == "Succeeded", pod["status"]
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["message"] == "hello|blue|s3cret|read-only|private|colour "
+
+
+def test_the_service_account_volume_holds_a_token_bound_to_the_pod(
+    control_plane: controlplane.ControlPlane, kubelet: process_kubelet.KubeletProcess, plain_namespace: str
+) -> None:
+    name = create_all(control_plane, plain_namespace, "service-account-pod.yaml")["metadata"]["name"]
+
+    pod = control_plane.wait_for_pod(plain_namespace, name)
+
+    assert pod["status"]["phase"] == "Succeeded", pod["status"]
+    message = pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    server, namespace, ca_sha256, token = message.split("\n")
+    assert f"https://{server}" == control_plane.server
+    assert namespace == plain_namespace
+    assert ca_sha256 == hashlib.sha256(control_plane.ca_file.read_bytes()).hexdigest()
+    kubeconfig = control_plane.token_kubeconfig(token, user=f"pod-{name}")
+    whoami = json.loads(control_plane.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout)
+    user = whoami["status"]["userInfo"]
+    assert user["username"] == f"system:serviceaccount:{plain_namespace}:default"
+    assert user["extra"]["authentication.kubernetes.io/pod-name"] == [name]
 
 
 def test_a_container_without_a_command_fails_as_no_command(
@@ -252,7 +298,7 @@ def test_a_restarted_kubelet_does_not_rerun_finished_pods(
     tmp_path: pathlib.Path,
 ) -> None:
     runs = tmp_path / "runs"
-    pod = with_env(load("counting-pod.yaml")[0], "RUNS", str(runs))
+    pod = with_host_dir(with_env(load("counting-pod.yaml")[0], "RUNS", str(runs)), tmp_path)
     name = create(control_plane, plain_namespace, pod)["metadata"]["name"]
     finished = control_plane.wait_for_pod(plain_namespace, name)
 
