@@ -32,8 +32,9 @@ WEBHOOK_PATH = "/mutate-pods"
 
 
 def install_manifests(cp: controlplane.ControlPlane) -> None:
-    """Apply the namespace and RBAC exactly as shipped (the Deployment and Service need an image; not here)."""
-    for name in ("00-namespace.yaml", "10-rbac.yaml"):
+    """Apply the namespace and RBAC exactly as shipped, with the optional read access to Argo's artifact
+    repository Secret (the Deployment and Service need an image; not here)."""
+    for name in ("00-namespace.yaml", "10-rbac.yaml", "optional/argo-artifacts-rbac.yaml"):
         cp.kubectl("apply", "-f", str(MANIFESTS / name))
     cp.wait_for_service_account(NAMESPACE, SERVICE_ACCOUNT)
 
