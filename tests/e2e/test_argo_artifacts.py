@@ -114,7 +114,7 @@ def test_a_step_with_a_zip_artifact_runs_every_time_and_says_why(
                     "name": "zip",
                     "container": container("mkdir -p /tmp/out && echo zipped > /tmp/out/a.txt"),
                     "outputs": {"artifacts": [{"name": "out", "path": "/tmp/out", "archive": {"zip": {}}}]},
-                }
+                },
             ],
         },
     }
