@@ -2,8 +2,9 @@
 
 Builds (or reuses) the control plane, starts a local Postgres, the operator and the process kubelet, runs
 examples/pipeline.yaml twice in an opted-in namespace and prints, per step, how long each run took, whether the second
-was served from cache and whether both produced the same output. Then it shuts everything down, or with --keep
-leaves it running and prints the KUBECONFIG to use.
+was served from cache and whether both produced the same output; then the cache as kubectl shows it (`kubectl get ce`)
+and the CacheHit Events on the served pods. Then it shuts everything down, or with --keep leaves it running and prints
+the KUBECONFIG to use.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_schedulable(cp, kubelet, NODE)
         say("process kubelet: node demo-node is Ready")
         operator_harness.install_manifests(cp)
-        operator = operator_harness.OperatorProcess(cp, database_url=db.url, workdir=work / "operator")
+        operator = operator_harness.OperatorProcess(
+            cp, database_url=db.url, workdir=work / "operator", env=operator_harness.FAST_MIRROR
+        )
         operator.start()
         operator.register_webhook()
         say("stepcache: operator running as its ServiceAccount, webhook registered")
@@ -72,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         print_table(first, second)
         print()
         print(cp.kubectl("get", "pods", "-n", NAMESPACE, "-L", "stepcache.dev/cache-id,stepcache.dev/hit").stdout)
+        wait_cache_view(cp, hit_pods=[s["pod"] for s in second if s["hit"]])
+        for command in (
+            ["get", "ce", "-n", NAMESPACE],
+            ["get", "events", "-n", NAMESPACE, "--field-selector", "reason=CacheHit"],
+        ):
+            print(f"$ kubectl {' '.join(command)}")
+            print(cp.kubectl(*command).stdout)
         if args.keep:
             print(
                 f"everything keeps running. Use:\n  export KUBECONFIG={cp.kubeconfig}\n"
@@ -187,6 +197,21 @@ def wait_recorded(cp: controlplane.ControlPlane, pod: str) -> None:
         return str(got["metadata"].get("labels", {}).get("stepcache.dev/cache-id", "")).isdigit()
 
     controlplane.wait_for(recorded, 60, f"pod {pod} to be recorded")
+
+
+def wait_cache_view(cp: controlplane.ControlPlane, *, hit_pods: list[str]) -> None:
+    """Hits reach CacheEntry status and Events a moment after the pods ran (off the webhook path): wait for them."""
+
+    def shown() -> bool:
+        entries = json.loads(cp.kubectl("get", "ce", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+        hits = sum(int(e.get("status", {}).get("hits") or 0) for e in entries)
+        listed = cp.kubectl(
+            "get", "events", "-n", NAMESPACE, "--field-selector", "reason=CacheHit", "-o", "json"
+        ).stdout
+        posted = {e["involvedObject"]["name"] for e in json.loads(listed)["items"]}
+        return hits >= len(hit_pods) and set(hit_pods) <= posted
+
+    controlplane.wait_for(shown, 60, "hits on the CacheEntries and a CacheHit Event on each served pod")
 
 
 def compare(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> list[dict[str, Any]]:

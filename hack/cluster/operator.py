@@ -23,19 +23,29 @@ import yaml
 from hack.cluster import controlplane, ports
 from stepcache import tls
 
-__all__ = ["MANIFESTS", "OperatorProcess", "install_manifests"]
+__all__ = ["CRDS", "FAST_MIRROR", "MANIFESTS", "OperatorProcess", "install_manifests"]
 
 MANIFESTS = controlplane.REPO / "manifests"
+CRDS = controlplane.REPO / "crds"
 NAMESPACE = "stepcache-system"
 SERVICE_ACCOUNT = "stepcache"
 WEBHOOK_PATH = "/mutate-pods"
+FAST_MIRROR = {
+    "STEPCACHE_STATUS_INTERVAL_SECONDS": "1",
+    "STEPCACHE_RECONCILE_INTERVAL_SECONDS": "2",
+    "STEPCACHE_EXPIRY_INTERVAL_SECONDS": "2",
+}
+"""Settings for tests and the demo: CacheEntry status, reconciles and expiry within seconds (benchmarks keep the
+production defaults)."""
 
 
 def install_manifests(cp: controlplane.ControlPlane) -> None:
-    """Apply the namespace and RBAC exactly as shipped, with the optional read access to Argo's artifact
+    """Apply the CRD, namespace and RBAC exactly as shipped, with the optional read access to Argo's artifact
     repository Secret (the Deployment and Service need an image; not here)."""
+    cp.kubectl("apply", "-f", str(CRDS / "cacheentry.yaml"))
     for name in ("00-namespace.yaml", "10-rbac.yaml", "optional/argo-artifacts-rbac.yaml"):
         cp.kubectl("apply", "-f", str(MANIFESTS / name))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/cacheentries.stepcache.dev")
     cp.wait_for_service_account(NAMESPACE, SERVICE_ACCOUNT)
 
 

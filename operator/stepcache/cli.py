@@ -1,19 +1,27 @@
-"""The `stepcache` command: run the operator, compute and explain keys, migrate the schema, write certificates."""
+"""The `stepcache` command: run the operator, compute and explain keys, migrate the schema, write certificates,
+and look at or purge the cache in the database."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime
 import json
 import os
 import pathlib
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import yaml
 
-from stepcache import config, errors, keys, logs
+from stepcache import config, errors, keys, logs, staleness
+
+if TYPE_CHECKING:
+    from stepcache import store
+
+_T = TypeVar("_T")
 
 __all__ = ["main"]
 
@@ -30,10 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"stepcache: {exc}", file=sys.stderr)
         return 2
+    except _DatabaseError as exc:
+        print(f"stepcache: database unavailable: {exc}", file=sys.stderr)
+        return 1
     return status
 
 
 class _UsageError(Exception):
+    pass
+
+
+class _DatabaseError(Exception):
     pass
 
 
@@ -58,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply the database schema migrations (STEPCACHE_DATABASE_URL)")
     migrate.set_defaults(func=_migrate)
+
+    stats = sub.add_parser("stats", help="entries, hits, compute saved and output bytes per namespace")
+    stats.add_argument("--namespace", help="one namespace only (* for cluster-wide entries)")
+    stats.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    stats.set_defaults(func=_stats)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete entries from the database; the operator then removes their CacheEntry objects",
+        description="Delete the entries matching any of the given ages (or --all), in --namespace if given.",
+    )
+    purge.add_argument("--namespace", help="one namespace only (* for cluster-wide entries)")
+    purge.add_argument("--older-than", metavar="DURATION", help="entries recorded longer ago (ISO 8601, e.g. P7D)")
+    purge.add_argument("--unused-for", metavar="DURATION", help="entries neither hit nor recorded for this long")
+    purge.add_argument("--all", action="store_true", help="every entry (of --namespace, if given)")
+    purge.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    purge.set_defaults(func=_purge)
 
     certs = sub.add_parser("certs", help="write a CA and a webhook serving certificate")
     certs.add_argument("--dir", required=True, type=pathlib.Path, help="output directory")
@@ -158,6 +190,94 @@ def _migrate(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"applied": applied}))
     return 0
+
+
+def _with_store(work: Callable[[Any], Awaitable[_T]]) -> _T:
+    """Run `work(store)` on a store of STEPCACHE_DATABASE_URL; a database error exits 1 with its message."""
+    from stepcache import store
+
+    settings = _settings_from_env()
+
+    async def run() -> _T:
+        cache = await store.Store.connect(settings.database_url, timeout=max(settings.db_timeout, 30.0))
+        try:
+            return await work(cache)
+        finally:
+            await cache.close()
+
+    try:
+        return asyncio.run(run())
+    except errors.StoreUnavailable as exc:
+        raise _DatabaseError(str(exc)) from None
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from stepcache import cacheentry
+
+    rows = _with_store(lambda cache: cache.stats(namespace=args.namespace))
+    if args.output == "json":
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+        return 0
+    table = [("NAMESPACE", "ENTRIES", "HITS", "SAVED", "BYTES")]
+    for row in rows:
+        saved = cacheentry.human_seconds(row.seconds_saved)
+        table.append((row.namespace, str(row.entries), str(row.hits), saved, str(row.bytes)))
+    if len(rows) > 1:
+        table.append(
+            (
+                "TOTAL",
+                str(sum(r.entries for r in rows)),
+                str(sum(r.hits for r in rows)),
+                cacheentry.human_seconds(sum(r.seconds_saved for r in rows)),
+                str(sum(r.bytes for r in rows)),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from stepcache import store
+
+    older_than = _duration("--older-than", args.older_than)
+    unused_for = _duration("--unused-for", args.unused_for)
+    if args.all and (older_than is not None or unused_for is not None):
+        raise _UsageError("--all deletes every entry; give it without --older-than or --unused-for")
+    if not args.all and older_than is None and unused_for is None:
+        raise _UsageError("say what to purge: --older-than DURATION, --unused-for DURATION, or --all")
+    selection = store.Selection(
+        namespace=args.namespace, older_than=older_than, unused_for=unused_for, everything=args.all
+    )
+    where = f" in namespace {args.namespace}" if args.namespace else ""
+
+    async def purge(cache: store.Store) -> int:
+        if args.dry_run:
+            return await cache.count_selected(selection)
+        total = 0
+        while True:
+            removed = await cache.purge_batch(selection, limit=_PURGE_BATCH)
+            total += len(removed)
+            if len(removed) < _PURGE_BATCH:
+                return total
+
+    count = _with_store(purge)
+    noun = "entry" if count == 1 else "entries"
+    print(f"would purge {count} {noun}{where} (dry run)" if args.dry_run else f"purged {count} {noun}{where}")
+    return 0
+
+
+_PURGE_BATCH = 1000
+
+
+def _duration(flag: str, text: str | None) -> datetime.timedelta | None:
+    if text is None:
+        return None
+    try:
+        return staleness.parse(text)
+    except ValueError as exc:
+        raise _UsageError(f"{flag} {text!r}: {exc}") from None
 
 
 def _certs(args: argparse.Namespace) -> int:

@@ -59,7 +59,13 @@ class Settings:
     """Connections shared by the webhook and the recorder; at 4, 16 concurrent reviews queued for a connection
     until lookups hit their bound (docs/benchmarks.md)."""
     expiry_interval: float = 300.0
-    """Seconds between background deletions of entries older than the cap."""
+    """Seconds between background deletions of expired entries (older than the cap, or unused too long)."""
+    gc_unused_after: datetime.timedelta | None = None
+    """Entries neither hit nor recorded for this long are deleted by the expiry timer; None: kept until the cap."""
+    reconcile_interval: float = 60.0
+    """Seconds between full comparisons of CacheEntry objects with the rows (Postgres wins)."""
+    status_interval: float = 5.0
+    """Seconds between CacheEntry status writes: a hot entry's object is written at most once per interval."""
     artifact_max_bytes: int = 64 * 1024 * 1024
     """Cap on the output artifacts one entry stores, in all; above it the step is recorded as not replayable."""
     artifact_inline_bytes: int = 16 * 1024
@@ -88,6 +94,10 @@ class Settings:
         default_staleness = env.duration("STEPCACHE_DEFAULT_MAX_STALENESS", defaults.default_max_staleness)
         cap = env.duration("STEPCACHE_MAX_STALENESS", defaults.max_staleness, allow_none_word=True)
         signing_key_file = env.text("STEPCACHE_SIGNING_KEY_FILE", "")
+        unused_after = env.duration("STEPCACHE_GC_UNUSED_AFTER", defaults.gc_unused_after)
+        if unused_after is not None and unused_after <= datetime.timedelta(0):
+            # Zero would delete every entry at each expiry run: surely not what was meant.
+            raise errors.InvalidSetting("STEPCACHE_GC_UNUSED_AFTER", "must be longer than zero (or unset)")
         return cls(
             database_url=database_url,
             db_timeout=timeout_ms / 1000,
@@ -123,6 +133,11 @@ class Settings:
             blob_endpoint=env.url("STEPCACHE_BLOB_ENDPOINT", defaults.blob_endpoint),
             blob_url_ttl=float(env.integer("STEPCACHE_BLOB_URL_TTL_SECONDS", 3600, minimum=60, maximum=7 * 86_400)),
             blob_pool_size=env.integer("STEPCACHE_BLOB_POOL_SIZE", defaults.blob_pool_size, minimum=2, maximum=64),
+            gc_unused_after=unused_after,
+            reconcile_interval=float(
+                env.integer("STEPCACHE_RECONCILE_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)
+            ),
+            status_interval=float(env.integer("STEPCACHE_STATUS_INTERVAL_SECONDS", 5, minimum=1, maximum=3_600)),
         )
 
 

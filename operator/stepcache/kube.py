@@ -44,6 +44,11 @@ class Kube:
         self._core = client.CoreV1Api(api)
         self._custom = client.CustomObjectsApi(api)
 
+    @property
+    def api_client(self) -> client.ApiClient:
+        """The one API client of the process, for the other adapters (`entries`) to share its connections."""
+        return self._api
+
     async def close(self) -> None:
         await self._api.close()
 

@@ -19,12 +19,15 @@ from stepcache import (
     artifacts,
     blobs,
     blobserver,
+    cacheentry,
     config,
+    entries,
     errors,
     keys,
     kube,
     logs,
     metrics,
+    mirror,
     mutation,
     patches,
     recorder,
@@ -38,7 +41,7 @@ log = logs.get(__name__)
 
 WEBHOOK_ID = "mutate-pods"
 """kopf's WebhookServer routes POST /<handler id>: the MutatingWebhookConfiguration's path is /mutate-pods."""
-FINALIZER = "stepcache.dev/finalizer"
+FINALIZER = cacheentry.FINALIZER
 _POD_SELECTOR = ("v1", "pods")
 _NAMESPACE_SELECTOR = ("v1", "namespaces")
 
@@ -156,6 +159,7 @@ async def build_runtime(
     except BaseException:
         await cache.close()
         raise
+    view = mirror.Mirror(settings, store=cache, entries=entries.Entries(kube_api.api_client))
     # Primed here so the webhook, which kopf serves only after startup, never sees an empty set at first;
     # the namespace watch keeps it current from then on.
     namespaces = runtime.OptedInNamespaces()
@@ -175,6 +179,7 @@ async def build_runtime(
         ),
         blobs=blob_store,
         url_key=artifacts.url_key(signing_key),
+        mirror=view,
     )
 
 
@@ -214,9 +219,13 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         rec = recorder.Recorder(rt)
         memo["runtime"] = rt
         memo["recorder"] = rec
+        view: mirror.Mirror = rt.mirror  # type: ignore[assignment]  # build_runtime always sets it
         memo["tasks"] = [
             asyncio.create_task(rec.run(), name="stepcache-record-retries"),
-            asyncio.create_task(_expire_forever(rt), name="stepcache-expiry"),
+            asyncio.create_task(view.expire_forever(), name="stepcache-expiry"),
+            asyncio.create_task(view.reconcile_forever(), name="stepcache-cacheentry-reconcile"),
+            asyncio.create_task(view.statuses_forever(), name="stepcache-cacheentry-status"),
+            asyncio.create_task(view.hit_events_forever(), name="stepcache-hit-events"),
             asyncio.create_task(_collect_blobs_forever(rt), name="stepcache-blob-collector"),
         ]
         if stepcache_settings.blob_port and rt.blobs is not None:
@@ -277,6 +286,14 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         rec: recorder.Recorder = memo["recorder"]
         await rec.handle(body)
 
+    # The finalizer (settings.persistence.finalizer, stepcache's own name) holds a CacheEntry until this returns;
+    # it returns once the row is gone, waiting out database outages itself: kopf's own retries would need progress
+    # storage, which writes nothing here.
+    @kopf.on.delete(cacheentry.GROUP, cacheentry.VERSION, cacheentry.PLURAL, id="invalidate-entry", registry=registry)
+    async def invalidate_entry(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        view: mirror.Mirror = memo["runtime"].mirror
+        await view.invalidate(body)
+
     @kopf.on.event(*_NAMESPACE_SELECTOR, id="opted-in-namespaces", registry=registry)
     async def namespace_event(
         type: str | None, name: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
@@ -288,23 +305,6 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             namespaces.discard(name)
 
     return registry
-
-
-async def _expire_forever(rt: runtime.Runtime) -> None:
-    """Delete entries older than the cap in the background, never inside the webhook."""
-    cap = rt.settings.max_staleness
-    if cap is None:
-        return
-    while True:
-        try:
-            deleted = await rt.store.expire(older_than=cap)
-        except errors.StoreUnavailable as exc:
-            log.warning("expiry_failed", error=str(exc))
-        else:
-            if deleted:
-                metrics.EXPIRED.inc(deleted)
-                log.info("expired", deleted=deleted, older_than=str(cap))
-        await asyncio.sleep(rt.settings.expiry_interval)
 
 
 _BLOB_GRACE = datetime.timedelta(hours=1)

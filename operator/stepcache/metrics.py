@@ -11,7 +11,10 @@ __all__ = [
     "ARTIFACTS_UNREPLAYABLE",
     "BLOBS_COLLECTED",
     "BLOB_REQUESTS",
+    "CACHEENTRY_WRITES",
+    "EVENTS",
     "EXPIRED",
+    "INVALIDATED",
     "RECORDED",
     "RECORD_REJECTED",
     "RECORD_RETRIES",
@@ -42,6 +45,13 @@ BLOB_REQUESTS = prometheus_client.Counter(
     "stepcache_blob_requests", "Requests to the blob endpoint, by outcome.", ["outcome"]
 )
 BLOBS_COLLECTED = prometheus_client.Counter("stepcache_blobs_collected", "Blobs no entry referred to, deleted.")
+INVALIDATED = prometheus_client.Counter(
+    "stepcache_invalidated", "Entries deleted through their CacheEntry object (kubectl delete ce)."
+)
+CACHEENTRY_WRITES = prometheus_client.Counter(
+    "stepcache_cacheentry_writes", "Writes to CacheEntry objects, by operation.", ["operation"]
+)
+EVENTS = prometheus_client.Counter("stepcache_events", "Kubernetes Events posted on pods, by reason.", ["reason"])
 
 
 def start_server(port: int) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-__all__ = ["CachedEntry", "JSONObject", "NewEntry"]
+__all__ = ["CachedEntry", "EntrySummary", "JSONObject", "NewEntry", "OutputSize"]
 
 JSONObject = dict[str, Any]
 """A decoded JSON object as the Kubernetes API sends it (pods, admission reviews)."""
@@ -27,6 +27,10 @@ class NewEntry:
     started_at: datetime.datetime | None
     finished_at: datetime.datetime
     duration_seconds: float | None
+    step: str = ""
+    """What ran: the source pod's owner as `Kind/name`, or the Argo node name (ownerReferences are not keyed)."""
+    images: tuple[str, ...] = ()
+    """The images of the keyed containers, in key order, each once."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,3 +45,34 @@ class CachedEntry:
     source_pod: str
     finished_at: datetime.datetime
     duration_seconds: float | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputSize:
+    """One stored output and its size: what `kubectl describe ce` shows instead of the value."""
+
+    name: str
+    kind: str
+    """`terminationMessage`, `parameter` or `result`."""
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EntrySummary:
+    """A stored entry as its CacheEntry object shows it: provenance, sizes and counters, never the outputs."""
+
+    id: int
+    namespace: str
+    cache_key: str
+    step: str
+    images: tuple[str, ...]
+    source_namespace: str
+    source_pod: str
+    source_uid: str
+    finished_at: datetime.datetime
+    duration_seconds: float | None
+    hit_count: int
+    last_hit_at: datetime.datetime | None
+    outputs: tuple[OutputSize, ...]
+    key_fields: JSONObject
+    """The key material's main fields (scheme, scope, version, …): never an env value or a Secret's content."""

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from stepcache import argo, errors, model
+from stepcache import argo, cacheentry, errors, model
 
 __all__ = [
     "REPORT_OUTPUTS_COMPLETED",
@@ -113,6 +113,8 @@ def new_entry(
         started_at=started_at,
         finished_at=finished_at,
         duration_seconds=duration,
+        step=cacheentry.step_of(pod),
+        images=cacheentry.images_of(pod),
     )
 
 

@@ -181,6 +181,9 @@ class Recorder:
             log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=exc.reason)
             return None
         metrics.RECORDED.inc()
+        if rt.mirror is not None:
+            # Before the label: a crash in between replays it on the next delivery (it never raises).
+            await rt.mirror.recorded(pod, entry_id=entry_id)
         try:
             await rt.kube.label_cache_id(
                 namespace=namespace, name=metadata.get("name", ""), uid=metadata.get("uid", ""), entry_id=entry_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import blobs, config, keys, kube, mutation, store
+from stepcache import blobs, config, keys, kube, mirror, mutation, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -40,6 +40,8 @@ class Runtime:
     namespaces: OptedInNamespaces
     key_options: keys.KeyOptions
     replay_options: mutation.ReplayOptions
+    mirror: mirror.Mirror | None = None
+    """CacheEntry objects and Events; None where no cluster-side view is wanted (unit tests)."""
     blobs: blobs.BlobStore | None = None
     """Output artifacts' bytes and locations; None where artifacts are not handled (then never served)."""
     url_key: bytes = b""

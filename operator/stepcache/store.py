@@ -18,16 +18,16 @@ import datetime
 import importlib.resources
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import asyncpg.pool
 import structlog
 
-from stepcache import errors, model
+from stepcache import cacheentry, errors, model
 
-__all__ = ["Migration", "Store", "migrations"]
+__all__ = ["Migration", "NamespaceStats", "Removed", "Selection", "Store", "migrations"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
@@ -70,9 +70,9 @@ _GET = f"SELECT {_ENTRY_COLUMNS} FROM cache_entries WHERE id = $1"
 _UPSERT = """
 INSERT INTO cache_entries (
     namespace, cache_key, termination_messages, argo_outputs, key_material,
-    source_namespace, source_pod, source_uid, started_at, finished_at, duration_seconds
+    source_namespace, source_pod, source_uid, started_at, finished_at, duration_seconds, step, images
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (namespace, cache_key) DO UPDATE SET
     termination_messages = EXCLUDED.termination_messages,
     argo_outputs = EXCLUDED.argo_outputs,
@@ -83,6 +83,8 @@ ON CONFLICT (namespace, cache_key) DO UPDATE SET
     started_at = EXCLUDED.started_at,
     finished_at = EXCLUDED.finished_at,
     duration_seconds = EXCLUDED.duration_seconds,
+    step = EXCLUDED.step,
+    images = EXCLUDED.images,
     updated_at = now()
 WHERE cache_entries.finished_at < EXCLUDED.finished_at
 RETURNING id
@@ -95,6 +97,88 @@ UPDATE cache_entries AS e
 SET hit_count = e.hit_count + h.n, last_hit_at = now()
 FROM unnest($1::bigint[], $2::bigint[]) AS h(id, n)
 WHERE e.id = h.id
+"""
+
+# What a CacheEntry object shows, per row: sizes of the outputs (never their values) and the key material's main
+# fields (never env values or Secret content). Computed here so the outputs themselves never leave the database.
+_SUMMARY = """
+SELECT e.id, e.namespace, e.cache_key, e.step, e.images, e.source_namespace, e.source_pod, e.source_uid,
+       e.finished_at, e.duration_seconds, e.hit_count, e.last_hit_at, sizes.outputs,
+       jsonb_strip_nulls(jsonb_build_object(
+           'scheme', e.key_material->'scheme',
+           'scope', e.key_material->'scope',
+           'version', e.key_material->'version',
+           'serviceAccount', e.key_material->'serviceAccount',
+           'salted', coalesce(e.key_material->>'salt', '') <> '',
+           'containers', jsonb_path_query_array(e.key_material, 'lax $.initContainers[*].name')
+                         || jsonb_path_query_array(e.key_material, 'lax $.containers[*].name')
+                         || jsonb_path_query_array(e.key_material, 'lax $.argo.container.name')
+                         || jsonb_path_query_array(e.key_material, 'lax $.argo.script.name')
+       )) AS key_fields
+FROM cache_entries AS e
+CROSS JOIN LATERAL (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('name', name, 'kind', kind, 'bytes', bytes) ORDER BY ord, name),
+                    '[]'::jsonb) AS outputs
+    FROM (
+        SELECT 0 AS ord, m.k AS name, 'terminationMessage' AS kind, octet_length(m.v) AS bytes
+        FROM jsonb_each_text(e.termination_messages) AS m(k, v)
+        UNION ALL
+        SELECT 1, p.k, 'parameter', octet_length(p.v)
+        FROM jsonb_each_text(CASE WHEN jsonb_typeof(e.argo_outputs->'parameters') = 'object'
+                                  THEN e.argo_outputs->'parameters' ELSE '{}'::jsonb END) AS p(k, v)
+        UNION ALL
+        SELECT 2, 'result', 'result', octet_length(e.argo_outputs->>'result')
+        WHERE jsonb_typeof(e.argo_outputs->'result') = 'string'
+    ) AS each_output
+) AS sizes
+"""
+
+# Keyset pagination: each page is one short indexed read, however many rows there are.
+_SUMMARIES_PAGE = _SUMMARY + "WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+_SUMMARY_BY_ID = _SUMMARY + "WHERE e.id = $1"
+# The index on coalesce(last_hit_at, finished_at) serves this: last_hit_at > x implies the coalesce is > x.
+_RECENTLY_HIT = (
+    _SUMMARY + "WHERE coalesce(e.last_hit_at, e.finished_at) > now() - $1::interval "
+    "AND e.last_hit_at > now() - $1::interval"
+)
+
+# A purge selection: one namespace or all; entries too old OR unused too long, or every entry ($4).
+_SELECTION = """
+($1::text IS NULL OR namespace = $1)
+AND ($4::boolean
+     OR ($2::interval IS NOT NULL AND finished_at < now() - $2::interval)
+     OR ($3::interval IS NOT NULL AND coalesce(last_hit_at, finished_at) < now() - $3::interval))
+"""
+# SKIP LOCKED: two replicas expiring at once take different rows instead of waiting on each other.
+_PURGE_BATCH = f"""
+DELETE FROM cache_entries WHERE id IN (
+    SELECT id FROM cache_entries WHERE {_SELECTION} LIMIT $5 FOR UPDATE SKIP LOCKED
+)
+RETURNING id, namespace, cache_key, step
+"""
+_PURGE_COUNT = f"SELECT count(*) FROM cache_entries WHERE {_SELECTION}"
+
+# Locked, so a replacement cannot change the row's step (and so its object's name) between the check and the delete.
+_INVALIDATE_CANDIDATE = """
+SELECT step FROM cache_entries WHERE namespace = ANY($1::text[]) AND cache_key = $2 AND id = $3 FOR UPDATE
+"""
+
+_STATS = """
+SELECT e.namespace, count(*) AS entries, coalesce(sum(e.hit_count), 0)::bigint AS hits,
+       coalesce(sum(e.hit_count * coalesce(e.duration_seconds, 0)), 0)::double precision AS seconds_saved,
+       coalesce(sum(sizes.bytes), 0)::bigint AS bytes
+FROM cache_entries AS e
+CROSS JOIN LATERAL (
+    SELECT (SELECT coalesce(sum(octet_length(m.v)), 0) FROM jsonb_each_text(e.termination_messages) AS m(k, v))
+         + (SELECT coalesce(sum(octet_length(p.v)), 0)
+            FROM jsonb_each_text(CASE WHEN jsonb_typeof(e.argo_outputs->'parameters') = 'object'
+                                      THEN e.argo_outputs->'parameters' ELSE '{}'::jsonb END) AS p(k, v))
+         + coalesce(CASE WHEN jsonb_typeof(e.argo_outputs->'result') = 'string'
+                         THEN octet_length(e.argo_outputs->>'result') END, 0) AS bytes
+) AS sizes
+WHERE ($1::text IS NULL OR e.namespace = $1)
+GROUP BY e.namespace
+ORDER BY e.namespace
 """
 
 _SCHEMA_MIGRATIONS = """
@@ -113,6 +197,43 @@ class Migration:
     version: int
     name: str
     sql: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which entries a purge deletes: in `namespace` (None: all), finished more than `older_than` ago OR not used
+    (hit, or recorded when never hit) for `unused_for`; `everything` ignores both ages."""
+
+    namespace: str | None = None
+    older_than: datetime.timedelta | None = None
+    unused_for: datetime.timedelta | None = None
+    everything: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """Selects nothing: no age given and not `everything`."""
+        return not self.everything and self.older_than is None and self.unused_for is None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Removed:
+    """A deleted row: enough to find its CacheEntry object."""
+
+    id: int
+    namespace: str
+    cache_key: str
+    step: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NamespaceStats:
+    """One namespace's cache (`*` for cluster-wide entries)."""
+
+    namespace: str
+    entries: int
+    hits: int
+    seconds_saved: float
+    bytes: int
 
 
 def migrations() -> list[Migration]:
@@ -260,6 +381,8 @@ class Store:
             entry.started_at,
             entry.finished_at,
             entry.duration_seconds,
+            entry.step,
+            list(entry.images),
         )
 
         async def run(conn: _Connection) -> int:
@@ -324,6 +447,96 @@ class Store:
             return value
 
         return await self._call("count", run)
+
+    async def summary(self, entry_id: int) -> model.EntrySummary | None:
+        """The entry with this id as its CacheEntry shows it (sizes, not outputs)."""
+
+        async def run(conn: _Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(_SUMMARY_BY_ID, entry_id)
+
+        row = await self._call("summary", run, bound=self._maintenance_timeout)
+        return None if row is None else _summary(row)
+
+    async def summaries(self, *, after_id: int = 0, limit: int = 500) -> list[model.EntrySummary]:
+        """One page of entries in id order, starting after `after_id`; an empty page ends the listing."""
+
+        async def run(conn: _Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(_SUMMARIES_PAGE, after_id, limit)
+            return rows
+
+        return [_summary(row) for row in await self._call("summaries", run, bound=self._maintenance_timeout)]
+
+    async def recently_hit(self, *, within: datetime.timedelta) -> list[model.EntrySummary]:
+        """Entries hit within the last `within` (by the database's clock), for the CacheEntry status writer."""
+
+        async def run(conn: _Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(_RECENTLY_HIT, within)
+            return rows
+
+        return [_summary(row) for row in await self._call("recently_hit", run, bound=self._maintenance_timeout)]
+
+    async def invalidate(self, *, namespaces: Sequence[str], cache_key: str, entry_id: int, object_name: str) -> bool:
+        """Delete the entry a CacheEntry object named `object_name` stands for; False when it stands for none.
+
+        The row must have this id and key, one of these namespaces, and be the row that object's name is derived
+        from: a row replaced by another step's result has another object by now, and deleting the old one (an
+        orphan) must not delete the row.
+        """
+
+        async def run(conn: _Connection) -> bool:
+            async with conn.transaction():
+                step = await conn.fetchval(_INVALIDATE_CANDIDATE, list(namespaces), cache_key, entry_id)
+                if step is None or cacheentry.object_name(step, cache_key) != object_name:
+                    return False
+                await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
+                return True
+
+        return await self._call("invalidate", run, bound=self._maintenance_timeout)
+
+    async def purge_batch(self, selection: Selection, *, limit: int) -> list[Removed]:
+        """Delete at most `limit` selected entries in one statement; return them (fewer than `limit`: none left).
+
+        Callers loop: each statement is bounded, so a backlog of any size finishes batch by batch.
+        """
+        if selection.empty:
+            return []
+
+        async def run(conn: _Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(_PURGE_BATCH, *_selection_args(selection), limit)
+            return rows
+
+        rows = await self._call("purge", run, bound=self._maintenance_timeout)
+        return [Removed(id=r["id"], namespace=r["namespace"], cache_key=r["cache_key"], step=r["step"]) for r in rows]
+
+    async def count_selected(self, selection: Selection) -> int:
+        """How many entries `purge_batch` would delete in all (a dry run)."""
+        if selection.empty:
+            return 0
+
+        async def run(conn: _Connection) -> int:
+            value: int = await conn.fetchval(_PURGE_COUNT, *_selection_args(selection))
+            return value
+
+        return await self._call("count_selected", run, bound=self._maintenance_timeout)
+
+    async def stats(self, *, namespace: str | None = None) -> list[NamespaceStats]:
+        """Entries, hits, compute saved and output bytes per namespace."""
+
+        async def run(conn: _Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(_STATS, namespace)
+            return rows
+
+        rows = await self._call("stats", run, bound=self._maintenance_timeout)
+        return [
+            NamespaceStats(
+                namespace=r["namespace"],
+                entries=r["entries"],
+                hits=r["hits"],
+                seconds_saved=r["seconds_saved"],
+                bytes=r["bytes"],
+            )
+            for r in rows
+        ]
 
     async def _call(
         self, operation: str, run: Callable[[_Connection], Awaitable[_T]], *, bound: float | None = None
@@ -434,6 +647,29 @@ def _entry(row: asyncpg.Record) -> model.CachedEntry:
         finished_at=row["finished_at"],
         duration_seconds=row["duration_seconds"],
     )
+
+
+def _summary(row: asyncpg.Record) -> model.EntrySummary:
+    return model.EntrySummary(
+        id=row["id"],
+        namespace=row["namespace"],
+        cache_key=row["cache_key"],
+        step=row["step"],
+        images=tuple(row["images"]),
+        source_namespace=row["source_namespace"],
+        source_pod=row["source_pod"],
+        source_uid=row["source_uid"],
+        finished_at=row["finished_at"],
+        duration_seconds=row["duration_seconds"],
+        hit_count=row["hit_count"],
+        last_hit_at=row["last_hit_at"],
+        outputs=tuple(model.OutputSize(name=o["name"], kind=o["kind"], bytes=o["bytes"]) for o in row["outputs"]),
+        key_fields=row["key_fields"],
+    )
+
+
+def _selection_args(selection: Selection) -> tuple[Any, ...]:
+    return (selection.namespace, selection.older_than, selection.unused_for, selection.everything)
 
 
 def _affected(status: str) -> int:

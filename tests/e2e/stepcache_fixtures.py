@@ -33,7 +33,10 @@ def stepcache(
 ) -> Iterator[operator_harness.OperatorProcess]:
     operator_harness.install_manifests(control_plane)
     process = operator_harness.OperatorProcess(
-        control_plane, database_url=database.url, workdir=tmp_path_factory.mktemp("operator")
+        control_plane,
+        database_url=database.url,
+        workdir=tmp_path_factory.mktemp("operator"),
+        env=operator_harness.FAST_MIRROR,
     )
     process.start()
     process.register_webhook()

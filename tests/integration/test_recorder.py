@@ -110,11 +110,13 @@ def label_patch(pod: Mapping[str, Any], entry_id: int) -> list[dict[str, Any]]:
 
 
 def operator_writes(cluster: harness.Emulator) -> list[tuple[str, str, Any]]:
-    """Every non-reading request the operator sent (method, path, body); the tests' own requests are left out."""
+    """Every non-reading request the operator sent to pods (method, path, body); the tests' own requests are left
+    out, and so are the CacheEntry objects and Events that recording also writes (not on the pod)."""
     writes = []
     for request in list(cluster):
         agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
-        if request.method != kmock.method.GET and not agent.startswith("kmock/"):
+        to_pods = "/pods" in request.url.path
+        if request.method != kmock.method.GET and to_pods and not agent.startswith("kmock/"):
             writes.append((request.method.value, request.url.path, request.data))
     return writes
 

@@ -189,7 +189,9 @@ def test_two_processes_migrating_at_once_both_succeed_and_apply_each_migration_o
     names = [migration.name for migration in store.migrations()]
     assert applied == [[], names]
     database = database_url.rsplit("/", 1)[1]
-    recorded = postgres.run_sql("SELECT version, count(*) FROM schema_migrations GROUP BY version", database=database)
+    recorded = postgres.run_sql(
+        "SELECT version, count(*) FROM schema_migrations GROUP BY version ORDER BY version", database=database
+    )
     assert recorded.split() == [f"{migration.version}|1" for migration in store.migrations()]
     tables = postgres.run_sql("SELECT count(*) FROM pg_tables WHERE tablename = 'cache_entries'", database=database)
     assert tables.strip() == "1"

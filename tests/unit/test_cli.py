@@ -133,3 +133,27 @@ def test_certs_writes_a_ca_and_a_serving_certificate_for_the_names(tmp_path: pat
     sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "stepcache.stepcache-system.svc" in sans.get_values_for_type(x509.DNSName)
     assert oct((tmp_path / "tls.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_purge_without_a_selection_refuses_and_names_the_choices() -> None:
+    result = stepcache("purge", env={"STEPCACHE_DATABASE_URL": "postgresql://127.0.0.1:1/none"})
+    assert result.returncode == 2
+    assert "say what to purge: --older-than DURATION, --unused-for DURATION, or --all" in result.stderr
+
+
+def test_purge_refuses_all_together_with_an_age() -> None:
+    result = stepcache("purge", "--all", "--older-than", "P7D", env={"STEPCACHE_DATABASE_URL": "postgresql://x"})
+    assert result.returncode == 2
+    assert "--all deletes every entry" in result.stderr
+
+
+def test_purge_refuses_a_duration_that_is_not_iso_8601() -> None:
+    result = stepcache("purge", "--unused-for", "a week", env={"STEPCACHE_DATABASE_URL": "postgresql://x"})
+    assert result.returncode == 2
+    assert "--unused-for 'a week'" in result.stderr
+
+
+def test_stats_without_a_database_exits_1_and_says_so() -> None:
+    result = stepcache("stats", env={"STEPCACHE_DATABASE_URL": "postgresql://stepcache@127.0.0.1:1/none"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("stepcache: database unavailable: ")

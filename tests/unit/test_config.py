@@ -73,6 +73,10 @@ def test_every_setting_is_read() -> None:
         ({"STEPCACHE_WEBHOOK_PORT": "70000"}, "STEPCACHE_WEBHOOK_PORT", "70000 is outside 0..65535"),
         ({"STEPCACHE_LOG_FORMAT": "xml"}, "STEPCACHE_LOG_FORMAT", "'xml' is not one of json, console"),
         ({"STEPCACHE_CACHE_IMAGE": "  "}, "STEPCACHE_CACHE_IMAGE", "must not be empty"),
+        ({"STEPCACHE_GC_UNUSED_AFTER": "a week"}, "STEPCACHE_GC_UNUSED_AFTER", "is not an ISO 8601 duration"),
+        ({"STEPCACHE_GC_UNUSED_AFTER": "P0D"}, "STEPCACHE_GC_UNUSED_AFTER", "must be longer than zero"),
+        ({"STEPCACHE_STATUS_INTERVAL_SECONDS": "0"}, "STEPCACHE_STATUS_INTERVAL_SECONDS", "0 is outside 1..3600"),
+        ({"STEPCACHE_RECONCILE_INTERVAL_SECONDS": "x"}, "STEPCACHE_RECONCILE_INTERVAL_SECONDS", "not an integer"),
     ],
 )
 def test_a_bad_value_names_the_setting_and_the_reason(env: dict[str, str], name: str, reason: str) -> None:
@@ -81,3 +85,16 @@ def test_a_bad_value_names_the_setting_and_the_reason(env: dict[str, str], name:
     assert caught.value.name == name
     assert reason in caught.value.reason
     assert str(caught.value).startswith(f"{name}: ")
+
+
+def test_cacheentry_settings_default_to_no_disuse_limit_and_read_iso_durations() -> None:
+    assert settings().gc_unused_after is None
+    assert settings().status_interval == 5.0
+    assert settings().reconcile_interval == 60.0
+    s = settings(
+        STEPCACHE_GC_UNUSED_AFTER="P14D",
+        STEPCACHE_STATUS_INTERVAL_SECONDS="2",
+        STEPCACHE_RECONCILE_INTERVAL_SECONDS="30",
+    )
+    assert s.gc_unused_after == datetime.timedelta(days=14)
+    assert (s.status_interval, s.reconcile_interval) == (2.0, 30.0)
