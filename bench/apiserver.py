@@ -31,7 +31,7 @@ import aiohttp
 import asyncpg
 import uvloop
 
-from bench import admission, common, pods, stage
+from bench import admission, common, payloads, pods, stage
 from stepcache import keys, mutation
 
 __all__ = ["run"]
@@ -321,6 +321,7 @@ def run(
                 pod,
                 namespace=phase.namespace,
                 options=keys.KeyOptions(),
+                references=payloads.references_view(phase.namespace),
                 containers=annotations[mutation.KEY_CONTAINERS].split(","),
             )
             if key.value != annotations[mutation.KEY]:

@@ -32,7 +32,7 @@ import yaml
 from hack.cluster import controlplane
 
 from bench import common
-from stepcache import keys, mutation
+from stepcache import keys, mutation, references
 
 __all__ = [
     "CACHE_IMAGE",
@@ -188,6 +188,14 @@ def capture(cp: controlplane.ControlPlane, *, namespace: str, work: pathlib.Path
     return Captured(job=job, argo=argo)
 
 
+def references_view(namespace: str) -> references.ReferenceView:
+    """The ConfigMap contents the operator's view must hold for the keys computed here to be the operator's: the Job
+    pod reads ConfigMap train-config (created empty by whoever runs the Job)."""
+    view = references.ReferenceView()
+    view.put_configmap(namespace, "train-config", data={}, binary_data=None)
+    return view
+
+
 def job_manifest(namespace: str) -> dict[str, Any]:
     """A batch/v1 Job whose pod is the fixture's (init container, two containers, PVC, ConfigMap, emptyDir)."""
     pod = yaml.safe_load((FIXTURES / "job-pod.yaml").read_text())
@@ -237,7 +245,7 @@ def variants(captured: Captured, *, kind: str, first: int, count: int) -> list[V
             template["inputs"]["parameters"][0]["value"] = f"stepcache-{number}"
             env["value"] = json.dumps(template, separators=(",", ":"))
         namespace = review["request"]["namespace"]
-        key = keys.compute(pod, namespace=namespace, options=keys.KeyOptions())
+        key = keys.compute(pod, namespace=namespace, options=keys.KeyOptions(), references=references_view(namespace))
         out.append(Variant(kind=kind, body=review, key=key, namespace=namespace))
     return out
 

@@ -115,6 +115,7 @@ async def one_run(
         await api.close()
     row_lags = [(rows[uid] - sent[uid]) * 1000 for uid in sent if uid in rows]
     label_lags = [(labelled[uid] - sent[uid]) * 1000 for uid in sent if uid in labelled]
+    stages = _stages(st, namespace=namespace, by_uid=by_uid, sent=sent, labelled=labelled)
     last = max(labelled.values()) if labelled else time.time()
     return {
         "name": name,
@@ -126,8 +127,48 @@ async def one_run(
         "all_recorded_s": last - started,
         "row_lag_ms": common.summarize(row_lags),
         "label_lag_ms": common.summarize(label_lags),
+        "stages_ms": stages,
         "errors": len(errors) + (count - len(rows)),
         "error_samples": errors[:5],
+    }
+
+
+def _stages(
+    st: stage.Stage,
+    *,
+    namespace: str,
+    by_uid: dict[str, dict[str, Any]],
+    sent: dict[str, float],
+    labelled: dict[str, float],
+) -> dict[str, Any]:
+    """Where each pod's lag went, from the operator's `recorded` log lines: PATCH sent → handler started (API
+    server, watch, kopf), the row, the CacheEntry object and Event, the label PATCH, and label written → seen by
+    this client's watch."""
+    assert st.operator is not None
+    uid_by_ref = {f"{namespace}/{pod['metadata']['name']}": uid for uid, pod in by_uid.items()}
+    delivery, row, mirrored, label, seen = [], [], [], [], []
+    for line in st.operator.logs().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        uid = uid_by_ref.get(str(record.get("pod", "")))
+        if record.get("event") != "recorded" or uid is None or uid not in sent:
+            continue
+        started = float(record["handler_started_at"])
+        delivery.append((started - sent[uid]) * 1000)
+        spent = float(record["row_ms"]) + float(record["mirror_ms"]) + float(record["label_ms"])
+        row.append(float(record["row_ms"]))
+        mirrored.append(float(record["mirror_ms"]))
+        label.append(float(record["label_ms"]))
+        if uid in labelled:
+            seen.append((labelled[uid] - started) * 1000 - spent)
+    return {
+        "sent_to_handler": common.summarize(delivery),
+        "row": common.summarize(row),
+        "mirror": common.summarize(mirrored),
+        "label": common.summarize(label),
+        "label_to_seen": common.summarize(seen),
     }
 
 

@@ -10,6 +10,7 @@ the KUBECONFIG to use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import signal
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave everything running; print the KUBECONFIG")
     args = parser.parse_args(argv)
+    # SIGTERM (a supervisor, `kill`) stops everything the way Ctrl-C does: through the `finally` below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="stepcache-demo-"))
     say(f"work directory: {work}")
@@ -87,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"everything keeps running. Use:\n  export KUBECONFIG={cp.kubeconfig}\n"
                 f"  {cp.bin_dir / 'kubectl'} get pods -n {NAMESPACE}\nPress Ctrl-C to stop."
             )
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    signal.pause()
         return 0 if all(s["hit"] and s["equal"] for s in compare(first, second)) else 1
     finally:
         if operator is not None:
@@ -241,4 +246,7 @@ def print_table(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # SIGINT or SIGTERM mid-run: everything was stopped on the way out
+        sys.exit(130)

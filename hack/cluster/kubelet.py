@@ -484,6 +484,8 @@ class _Container:
     last_state: Json = dataclasses.field(default_factory=dict)
     container_id: str = ""
     process: asyncio.subprocess.Process | None = None
+    respecified: bool = False
+    """Its image was changed while it ran: it is stopped and started again with the new spec, as a kubelet does."""
 
     @property
     def name(self) -> str:
@@ -591,6 +593,15 @@ class _PodWorker:
         if pod["metadata"].get("deletionTimestamp") and self.stop_reason != "Deleted":
             self.stop_reason = "Deleted"
             self.stopping.set()
+        # A kubelet restarts a running container whose image was changed (its spec hash changed), whatever the
+        # pod's restartPolicy; a finished container is left as it is.
+        specs = {c["name"]: c for c in pod["spec"].get("containers") or []}
+        for container in self.containers:
+            new = specs.get(container.name)
+            if new is not None and container.running and new.get("image") != container.spec.get("image"):
+                container.spec = new
+                container.respecified = True
+                _signal(container, signal.SIGKILL)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"pod {self.namespace}/{self.name}")
@@ -714,7 +725,11 @@ class _PodWorker:
         attempt = 0
         try:
             while not self.stopping.is_set():
-                if container.exit_code is not None:
+                if container.respecified and container.exit_code is not None:
+                    container.respecified = False
+                    container.last_state = {"terminated": container.state["terminated"]}
+                    container.restart_count += 1
+                elif container.exit_code is not None:
                     if policy == "Never" or (policy == "OnFailure" and container.exit_code == 0):
                         return
                     container.last_state = {"terminated": container.state["terminated"]}

@@ -77,7 +77,9 @@ async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) 
     scope = namespace if rt.key_options.scope == "namespace" else "*"
     provenance = await _provenance(rt, pod, scope=scope, deadline=deadline)
     try:
-        key = keys.compute(pod, namespace=namespace, options=rt.key_options, provenance=provenance)
+        key = keys.compute(
+            pod, namespace=namespace, options=rt.key_options, references=rt.references, provenance=provenance
+        )
     except errors.Uncacheable as exc:
         metrics.ADMISSION_FAILURES.labels(reason="uncacheable").inc()
         log.info("uncacheable", pod=_pod_ref(pod), reason=exc.reason)

@@ -11,12 +11,10 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-import yaml
-
-from stepcache import config, errors, keys, logs, staleness
+from stepcache import config, documents, errors, keys, logs, references, staleness
 
 if TYPE_CHECKING:
     from stepcache import store
@@ -41,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _DatabaseError as exc:
         print(f"stepcache: database unavailable: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line, never a traceback: the command is a user's tool, not a library
+        print(f"stepcache: internal error ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 3
     return status
 
 
@@ -109,7 +112,12 @@ def _key_options() -> keys.KeyOptions:
     env = dict(os.environ)
     env.setdefault("STEPCACHE_DATABASE_URL", "postgresql://unused")
     settings = config.Settings.from_env(env)
-    return keys.KeyOptions(scope=settings.scope, salt=settings.salt, key_service_account=settings.key_service_account)
+    return keys.KeyOptions(
+        scope=settings.scope,
+        salt=settings.salt,
+        key_service_account=settings.key_service_account,
+        key_secret_content=settings.key_secret_content,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -121,31 +129,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pod(source: str, stdin: TextIO = sys.stdin) -> dict[str, Any]:
-    """A Pod from a Pod document or an AdmissionReview (its request.object), YAML or JSON."""
+def _load_pod(source: str, stdin: BinaryIO | None = None) -> documents.Loaded:
+    """A Pod from a Pod document or an AdmissionReview (its request.object), YAML or JSON, read within bounds."""
     try:
-        text = stdin.read() if source == "-" else pathlib.Path(source).read_text()
+        if source == "-":
+            data = (stdin or sys.stdin.buffer).read(documents.MAX_BYTES + 1)
+        else:
+            with pathlib.Path(source).open("rb") as file:
+                data = file.read(documents.MAX_BYTES + 1)
     except OSError as exc:
         raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise _UsageError(f"{source} is not YAML or JSON: {exc}") from None
-    if not isinstance(document, Mapping):
-        raise _UsageError(f"{source} does not hold an object")
-    if document.get("kind") == "AdmissionReview":
-        document = (document.get("request") or {}).get("object")
-        if not isinstance(document, Mapping):
-            raise _UsageError(f"{source}: the AdmissionReview has no request.object")
-    if document.get("kind", "Pod") != "Pod":
-        raise _UsageError(f"{source} holds a {document.get('kind')}, not a Pod or an AdmissionReview")
-    return dict(document)
+        return documents.load_pod(data, source="standard input" if source == "-" else source)
+    except errors.InvalidDocument as exc:
+        raise _UsageError(str(exc)) from None
 
 
-def _compute(pod: Mapping[str, Any], namespace: str | None) -> keys.Key:
-    ns = namespace or (pod.get("metadata") or {}).get("namespace") or "default"
+def _compute(loaded: documents.Loaded, namespace: str | None) -> keys.Key:
+    """The key as far as a pod file shows it: the command sees no cluster, so ConfigMap (and Secret) content is not
+    in it and the material says `"configMapContent": "unresolved"` — this is never the operator's key for a pod
+    that reads a ConfigMap, but it is the same for two pods that differ only in what the cluster holds.
+
+    The namespace is the flag's, else the object's, else the AdmissionReview request's, else `default`.
+    """
+    pod = loaded.pod
+    ns = namespace or (pod.get("metadata") or {}).get("namespace") or loaded.request_namespace or "default"
     try:
-        return keys.compute(pod, namespace=ns, options=_key_options())
+        return keys.compute(pod, namespace=ns, options=_key_options(), references=references.Unresolved())
     except errors.Uncacheable as exc:
         raise _UsageError(f"the pod cannot be cached: {exc.reason}") from None
 

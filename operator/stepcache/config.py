@@ -41,6 +41,8 @@ class Settings:
     cache_image: str = "busybox:1.36.1"
     keep_node_constraints: bool = False
     key_service_account: bool = False
+    key_secret_content: bool = False
+    """Key referenced Secrets by HMACs of their values, not only by name and items (needs list/watch on Secrets)."""
     require_digest: bool = False
     signing_key_file: pathlib.Path | None = None
     namespace: str = "stepcache-system"
@@ -58,6 +60,8 @@ class Settings:
     db_pool_size: int = 16
     """Connections shared by the webhook and the recorder; at 4, 16 concurrent reviews queued for a connection
     until lookups hit their bound (docs/benchmarks.md)."""
+    resync_interval: float = 60.0
+    """Seconds between passes over Succeeded pods still unrecorded (STEPCACHE_RESYNC_INTERVAL_SECONDS)."""
     expiry_interval: float = 300.0
     """Seconds between background deletions of expired entries (older than the cap, or unused too long)."""
     gc_unused_after: datetime.timedelta | None = None
@@ -108,6 +112,7 @@ class Settings:
             cache_image=env.nonempty("STEPCACHE_CACHE_IMAGE", defaults.cache_image),
             keep_node_constraints=env.flag("STEPCACHE_KEEP_NODE_CONSTRAINTS", defaults.keep_node_constraints),
             key_service_account=env.flag("STEPCACHE_KEY_SERVICE_ACCOUNT", defaults.key_service_account),
+            key_secret_content=env.flag("STEPCACHE_KEY_SECRET_CONTENT", defaults.key_secret_content),
             require_digest=env.flag("STEPCACHE_REQUIRE_DIGEST", defaults.require_digest),
             signing_key_file=pathlib.Path(signing_key_file) if signing_key_file else None,
             namespace=env.nonempty("STEPCACHE_NAMESPACE", defaults.namespace),
@@ -122,6 +127,7 @@ class Settings:
             log_format=env.choice("STEPCACHE_LOG_FORMAT", defaults.log_format, ("json", "console")),  # type: ignore[arg-type]
             log_level=env.choice("STEPCACHE_LOG_LEVEL", defaults.log_level, _LOG_LEVELS),
             db_pool_size=env.integer("STEPCACHE_DB_POOL_SIZE", defaults.db_pool_size, minimum=1, maximum=100),
+            resync_interval=float(env.integer("STEPCACHE_RESYNC_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)),
             expiry_interval=float(env.integer("STEPCACHE_EXPIRY_INTERVAL_SECONDS", 300, minimum=1, maximum=86_400)),
             artifact_max_bytes=env.integer(
                 "STEPCACHE_ARTIFACT_MAX_BYTES", defaults.artifact_max_bytes, minimum=0, maximum=1024**3

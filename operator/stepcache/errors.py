@@ -2,6 +2,7 @@
 
 __all__ = [
     "InvalidAnnotation",
+    "InvalidDocument",
     "InvalidSetting",
     "StepcacheError",
     "StoreUnavailable",
@@ -29,6 +30,16 @@ class InvalidAnnotation(StepcacheError):
         super().__init__(f"annotation {name}={value!r}: {reason}")
         self.name = name
         self.value = value
+        self.reason = reason
+
+
+class InvalidDocument(StepcacheError):
+    """A file handed to the command line is not a Pod (or AdmissionReview) stepcache can read."""
+
+    def __init__(self, source: str, field: str | None, reason: str) -> None:
+        super().__init__(f"{source}: {field}: {reason}" if field else f"{source}: {reason}")
+        self.source = source
+        self.field = field
         self.reason = reason
 
 

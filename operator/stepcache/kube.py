@@ -7,8 +7,10 @@ a different pod that reused the name.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets as pysecrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -59,11 +61,23 @@ class Kube:
             {"op": "test", "path": "/metadata/uid", "value": uid},
             {"op": "add", "path": f"/metadata/labels/{escaped}", "value": str(entry_id)},
         ]
+        return await self._json_patch_pod(namespace=namespace, name=name, body=body)
+
+    async def clear_cache_id(self, *, namespace: str, name: str, uid: str) -> bool:
+        """Remove the pod's cache-id label (a rejected pod leaves the recorder's watch); False when already gone."""
+        escaped = mutation.CACHE_ID.replace("~", "~0").replace("/", "~1")
+        body = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "remove", "path": f"/metadata/labels/{escaped}"},
+        ]
+        return await self._json_patch_pod(namespace=namespace, name=name, body=body)
+
+    async def _json_patch_pod(self, *, namespace: str, name: str, body: list[dict[str, Any]]) -> bool:
         # The response is not turned into a V1Pod: that would add client-side validation that can fail on a pod the
         # API server accepted, leaving a recorded pod unlabelled.
         response: Any = await self._core.patch_namespaced_pod(name, namespace, body, _preload_content=False)
         try:
-            if response.status in (404, 422):  # gone, or the uid test failed: not our pod any more
+            if response.status in (404, 422):  # gone, the uid test failed, or nothing to remove: not ours to change
                 return False
             if not 200 <= response.status <= 299:
                 raise ApiException(status=response.status, reason=await response.text())
@@ -71,10 +85,57 @@ class Kube:
             response.release()
         return True
 
+    async def read_pod(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod as raw JSON (no client-side model), or None when it is gone."""
+        response: Any = await self._core.read_namespaced_pod(name, namespace, _preload_content=False)
+        try:
+            if response.status == 404:
+                return None
+            if not 200 <= response.status <= 299:
+                raise ApiException(status=response.status, reason=await response.text())
+            pod: dict[str, Any] = json.loads(await response.read())
+        finally:
+            response.release()
+        return pod
+
+    async def unrecorded_succeeded_pods(self, *, page_size: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every Succeeded pod whose cache-id label is still empty, selected by the API server, page by page."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "label_selector": f"{mutation.CACHE_ID}=",
+                "field_selector": "status.phase=Succeeded",
+                "limit": page_size,
+            }
+            if token:
+                kwargs["_continue"] = token
+            response: Any = await self._core.list_pod_for_all_namespaces(**kwargs, _preload_content=False)
+            try:
+                if not 200 <= response.status <= 299:
+                    raise ApiException(status=response.status, reason=await response.text())
+                page = json.loads(await response.read())
+            finally:
+                response.release()
+            for pod in page.get("items") or []:
+                yield pod
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
     async def opted_in_namespaces(self) -> list[str]:
         """Names of the namespaces labelled `stepcache.dev/enabled=true` right now (one LIST, at start)."""
         listed = await self._core.list_namespace(label_selector=f"{keys.ENABLED_LABEL}=true")
         return [ns.metadata.name for ns in listed.items]
+
+    async def configmaps(self, *, namespace: str) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+        """The namespace's ConfigMaps as (name, data, binaryData), for the key's view of what they hold."""
+        listed = await self._core.list_namespaced_config_map(namespace)
+        return [(cm.metadata.name, dict(cm.data or {}), dict(cm.binary_data or {})) for cm in listed.items]
+
+    async def secrets(self, *, namespace: str) -> list[tuple[str, dict[str, str]]]:
+        """The namespace's Secrets as (name, base64 data); only with STEPCACHE_KEY_SECRET_CONTENT."""
+        listed = await self._core.list_namespaced_secret(namespace)
+        return [(secret.metadata.name, dict(secret.data or {})) for secret in listed.items]
 
     async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:
         """Argo's WorkflowTaskResult for a node, or None when it (or its CRD) does not exist."""

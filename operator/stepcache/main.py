@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from stepcache import (
     admission,
@@ -31,7 +32,9 @@ from stepcache import (
     mutation,
     patches,
     recorder,
+    references,
     runtime,
+    signing,
     store,
 )
 
@@ -44,6 +47,8 @@ WEBHOOK_ID = "mutate-pods"
 FINALIZER = cacheentry.FINALIZER
 _POD_SELECTOR = ("v1", "pods")
 _NAMESPACE_SELECTOR = ("v1", "namespaces")
+_CONFIGMAP_SELECTOR = ("v1", "configmaps")
+_SECRET_SELECTOR = ("v1", "secrets")
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -159,12 +164,15 @@ async def build_runtime(
     except BaseException:
         await cache.close()
         raise
-    view = mirror.Mirror(settings, store=cache, entries=entries.Entries(kube_api.api_client))
+    cacheentries = mirror.Mirror(settings, store=cache, entries=entries.Entries(kube_api.api_client))
     # Primed here so the webhook, which kopf serves only after startup, never sees an empty set at first;
     # the namespace watch keeps it current from then on.
     namespaces = runtime.OptedInNamespaces()
+    view = references.ReferenceView()
+    secret_key = signing.secret_content_key(signing_key)
     for name in await kube_api.opted_in_namespaces():
         namespaces.add(name)
+        await load_references(kube_api, view, namespace=name, settings=settings, secret_key=secret_key)
     return runtime.Runtime(
         settings=settings,
         store=cache,
@@ -172,15 +180,38 @@ async def build_runtime(
         signing_key=signing_key,
         namespaces=namespaces,
         key_options=keys.KeyOptions(
-            scope=settings.scope, salt=settings.salt, key_service_account=settings.key_service_account
+            scope=settings.scope,
+            salt=settings.salt,
+            key_service_account=settings.key_service_account,
+            key_secret_content=settings.key_secret_content,
         ),
         replay_options=mutation.ReplayOptions(
             cache_image=settings.cache_image, keep_node_constraints=settings.keep_node_constraints
         ),
         blobs=blob_store,
         url_key=artifacts.url_key(signing_key),
-        mirror=view,
+        references=view,
+        mirror=cacheentries,
     )
+
+
+async def load_references(
+    kube_api: kube.Kube,
+    view: references.ReferenceView,
+    *,
+    namespace: str,
+    settings: config.Settings,
+    secret_key: bytes,
+) -> None:
+    """Fill the key's view of one opted-in namespace with a LIST, so no pod waits for the watch to catch up.
+
+    Until this is done, a pod reading a ConfigMap of the namespace is uncacheable (never a stale hit).
+    """
+    for name, data, binary_data in await kube_api.configmaps(namespace=namespace):
+        view.put_configmap(namespace, name, data=data, binary_data=binary_data)
+    if settings.key_secret_content:
+        for name, secret_data in await kube_api.secrets(namespace=namespace):
+            view.put_secret(namespace, name, data=secret_data, hmac_key=secret_key)
 
 
 def read_signing_key_file(settings: config.Settings) -> bytes | None:
@@ -226,6 +257,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             asyncio.create_task(view.reconcile_forever(), name="stepcache-cacheentry-reconcile"),
             asyncio.create_task(view.statuses_forever(), name="stepcache-cacheentry-status"),
             asyncio.create_task(view.hit_events_forever(), name="stepcache-hit-events"),
+            asyncio.create_task(_resync_forever(rt, rec), name="stepcache-resync"),
             asyncio.create_task(_collect_blobs_forever(rt), name="stepcache-blob-collector"),
         ]
         if stepcache_settings.blob_port and rt.blobs is not None:
@@ -298,11 +330,57 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
     async def namespace_event(
         type: str | None, name: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
     ) -> None:
-        namespaces: runtime.OptedInNamespaces = memo["runtime"].namespaces
+        rt: runtime.Runtime = memo["runtime"]
         if type != "DELETED" and labels.get(keys.ENABLED_LABEL) == "true":
-            namespaces.add(name)
+            if name not in rt.namespaces:
+                # Newly opted in: learn what its ConfigMaps hold before its pods are keyed.
+                try:
+                    await load_references(
+                        rt.kube,
+                        rt.references,
+                        namespace=name,
+                        settings=stepcache_settings,
+                        secret_key=signing.secret_content_key(rt.signing_key),
+                    )
+                except ApiException as exc:
+                    log.warning("references_not_loaded", namespace=name, error=str(exc))
+            rt.namespaces.add(name)
         else:
-            namespaces.discard(name)
+            rt.namespaces.discard(name)
+            rt.references.forget_namespace(name)
+
+    @kopf.on.event(*_CONFIGMAP_SELECTOR, id="referenced-configmaps", registry=registry)
+    async def configmap_event(
+        type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+    ) -> None:
+        rt: runtime.Runtime = memo["runtime"]
+        if namespace is None or namespace not in rt.namespaces:
+            return
+        if type == "DELETED":
+            rt.references.forget_configmap(namespace, name)
+        else:
+            rt.references.put_configmap(
+                namespace, name, data=dict(body.get("data") or {}), binary_data=dict(body.get("binaryData") or {})
+            )
+
+    if settings.key_secret_content:
+
+        @kopf.on.event(*_SECRET_SELECTOR, id="referenced-secrets", registry=registry)
+        async def secret_event(
+            type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+        ) -> None:
+            rt: runtime.Runtime = memo["runtime"]
+            if namespace is None or namespace not in rt.namespaces:
+                return
+            if type == "DELETED":
+                rt.references.forget_secret(namespace, name)
+            else:
+                rt.references.put_secret(
+                    namespace,
+                    name,
+                    data=dict(body.get("data") or {}),
+                    hmac_key=signing.secret_content_key(rt.signing_key),
+                )
 
     return registry
 
@@ -328,6 +406,19 @@ async def _collect_blobs_forever(rt: runtime.Runtime) -> None:
             if collected or forgotten:
                 metrics.BLOBS_COLLECTED.inc(collected)
                 log.info("blobs_collected", blobs=collected, locations=forgotten)
+
+
+async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:
+    """Look for Succeeded pods still unrecorded every STEPCACHE_RESYNC_INTERVAL_SECONDS, whatever dropped them."""
+    while True:
+        await asyncio.sleep(rt.settings.resync_interval)
+        try:
+            found = await rec.resync()
+        except Exception as exc:
+            log.warning("resync_failed", error=repr(exc))
+        else:
+            if found:
+                log.info("resync_found_unrecorded", pods=found)
 
 
 def run(settings: config.Settings) -> None:

@@ -16,8 +16,10 @@ __all__ = [
     "EXPIRED",
     "INVALIDATED",
     "RECORDED",
+    "RECORD_GIVEN_UP",
     "RECORD_REJECTED",
     "RECORD_RETRIES",
+    "RECORD_STAGE_SECONDS",
     "start_server",
 ]
 
@@ -29,8 +31,19 @@ RECORDED = prometheus_client.Counter("stepcache_recorded", "Succeeded pods recor
 RECORD_REJECTED = prometheus_client.Counter(
     "stepcache_record_rejected", "Succeeded pods not recorded, by reason.", ["reason"]
 )
+RECORD_GIVEN_UP = prometheus_client.Counter(
+    "stepcache_record_given_up",
+    "Succeeded pods left unrecorded after their retries ran out (re-examined at the next start), by reason.",
+    ["reason"],
+)
 RECORD_RETRIES = prometheus_client.Counter(
     "stepcache_record_retries", "Recordings put back on the retry queue, by reason.", ["reason"]
+)
+RECORD_STAGE_SECONDS = prometheus_client.Histogram(
+    "stepcache_record_stage_seconds",
+    "Time spent in each stage of recording a pod: the row, the CacheEntry object and Event, the label.",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
 ARTIFACTS_STORED = prometheus_client.Counter(

@@ -21,6 +21,7 @@ __all__ = [
     "new_entry",
     "task_result_complete",
     "task_result_name",
+    "task_result_of",
     "termination_messages",
 ]
 
@@ -70,6 +71,39 @@ def task_result_complete(task_result: Mapping[str, Any]) -> bool:
     """True once Argo's `wait` container has finished reporting into this WorkflowTaskResult."""
     labels = (task_result.get("metadata") or {}).get("labels") or {}
     return bool(labels.get(REPORT_OUTPUTS_COMPLETED) == "true")
+
+
+WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
+"""Label Argo puts on a step's pods and WorkflowTaskResults: the workflow's name."""
+
+
+def task_result_of(task_result: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
+    """Whether a WorkflowTaskResult was reported for the pod's own workflow.
+
+    Its name is the pod's node id, which the pod's creator chose; so the workflow label must agree too, a result
+    owned by a pod (Argo 3.5–3.6) must be owned by this one, and a result owned by a Workflow (Argo ≥ 3.7) by the
+    pod's own Workflow. A result reported for another pod or workflow is never taken as this pod's.
+    """
+    pod_metadata = pod.get("metadata") or {}
+    result_metadata = task_result.get("metadata") or {}
+    if (pod_metadata.get("labels") or {}).get(WORKFLOW_LABEL) != (result_metadata.get("labels") or {}).get(
+        WORKFLOW_LABEL
+    ):
+        return False
+    owning_pods = _owners(result_metadata, kind="Pod")
+    if owning_pods and pod_metadata.get("uid") not in owning_pods:
+        return False
+    pod_workflows = _owners(pod_metadata, kind="Workflow")
+    result_workflows = _owners(result_metadata, kind="Workflow")
+    return not (pod_workflows and result_workflows) or bool(pod_workflows & result_workflows)
+
+
+def _owners(metadata: Mapping[str, Any], *, kind: str) -> set[str]:
+    return {
+        str(owner.get("uid"))
+        for owner in metadata.get("ownerReferences") or []
+        if isinstance(owner, Mapping) and owner.get("kind") == kind and owner.get("uid")
+    }
 
 
 def new_entry(

@@ -2,22 +2,38 @@
 
 kopf's own retries cannot fire here (its storages write nothing to pods, so nothing wakes a failed handler), so a
 pod that cannot be recorded yet — database down, Argo outputs not reported yet — waits on a bounded in-process
-queue with exponential backoff. A restart loses nothing: the re-LIST delivers every Succeeded pod whose cache-id
-label is still empty.
+queue with exponential backoff. A restart re-examines every Succeeded pod whose cache-id label is still empty.
+
+A pod is recorded only when everything about it can be trusted: its key annotations carry a valid signature, the key
+recomputed from the pod as it is now equals the signed one, and its container statuses show that every keyed
+container ran the keyed image. A pod that fails any of these is rejected for good: its cache-id label is removed, so
+it leaves the recorder's watch and is never re-examined into a record later.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
+import heapq
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
-from stepcache import argo, artifacts, blobs, errors, harvest, keys, logs, metrics, mutation, outputs, runtime, signing
+from stepcache import (
+    argo,
+    artifacts,
+    blobs,
+    errors,
+    execution,
+    harvest,
+    keys,
+    logs,
+    metrics,
+    mutation,
+    outputs,
+    runtime,
+    signing,
+)
 
 __all__ = ["Recorder"]
 
@@ -35,15 +51,40 @@ class _RetryLater(Exception):
         self.reason = reason
 
 
-@dataclasses.dataclass(kw_only=True)
+class _GiveUp(Exception):
+    """Not recordable now and not worth more retries; the pod keeps its empty cache-id (a restart looks again)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Recorded:
+    entry_id: int
+    row_seconds: float
+    mirror_seconds: float
+    label_seconds: float
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
 class _Pending:
-    pod: dict[str, Any]
+    """A pod waiting for a retry: where to read it again, not a copy of it (a few hundred bytes, not kilobytes)."""
+
+    namespace: str
+    name: str
+    uid: str
     attempt: int
     due: float
 
 
 class Recorder:
-    """Turns Succeeded, signed, unmodified pods into rows; idempotent for any number of deliveries of a pod."""
+    """Turns Succeeded, signed, unmodified pods into rows; idempotent for any number of deliveries of a pod.
+
+    Every failure is one of three kinds: retry (database down, API errors, anything unexpected — with backoff, the
+    pod re-read from the API each time), reject for good (the pod cannot be trusted: its cache-id label is removed),
+    or give up (retries ran out: counted, and the pod is looked at again by the next resync).
+    """
 
     def __init__(
         self,
@@ -52,12 +93,18 @@ class Recorder:
         max_pending: int = 10_000,
         first_delay: float = 0.5,
         max_delay: float = 30.0,
+        max_unexpected_attempts: int = 5,
+        concurrency: int = 16,
     ) -> None:
         self._rt = rt
         self._max_pending = max_pending
         self._first_delay = first_delay
         self._max_delay = max_delay
+        self._max_unexpected_attempts = max_unexpected_attempts
         self._pending: dict[str, _Pending] = {}
+        self._due: list[tuple[float, str]] = []
+        """A heap of (due, uid); entries whose uid is no longer pending at that time are skipped."""
+        self._slots = asyncio.Semaphore(concurrency)
         self._wakeup = asyncio.Event()
         self._harvester = (
             None
@@ -81,63 +128,133 @@ class Recorder:
         previous = self._pending.pop(uid, None)
         await self._attempt(pod, attempt=previous.attempt + 1 if previous else 0)
 
+    async def resync(self) -> int:
+        """One pass over every Succeeded, still unrecorded pod of the opted-in namespaces; returns how many.
+
+        kopf re-lists only at a start or after a 410, so a pod whose retries ran out, or that a full queue turned
+        away, would wait for the next restart — and be lost if the pod is deleted first. This pass catches them
+        whatever went wrong, with one server-side-selected LIST (paginated).
+        """
+        seen = 0
+        async for pod in self._rt.kube.unrecorded_succeeded_pods():
+            metadata = pod.get("metadata") or {}
+            if metadata.get("namespace") not in self._rt.namespaces or metadata.get("uid") in self._pending:
+                continue
+            seen += 1
+            async with self._slots:
+                await self.handle(pod)
+        return seen
+
     async def run(self) -> None:
-        """Retry queued pods when they are due; runs until cancelled."""
-        while True:
-            now = time.monotonic()
-            due = [uid for uid, p in self._pending.items() if p.due <= now]
-            for uid in due:
-                pending = self._pending.pop(uid, None)
-                if pending is not None:
-                    await self._attempt(pending.pod, attempt=pending.attempt + 1)
-            next_due = min((p.due for p in self._pending.values()), default=None)
-            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+        """Retry queued pods when they are due, several at a time; runs until cancelled."""
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    due, uid = heapq.heappop(self._due)
+                    pending = self._pending.get(uid)
+                    if pending is None or pending.due != due:
+                        continue  # recorded meanwhile, or rescheduled
+                    del self._pending[uid]
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._retry(pending))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _: self._slots.release())
+                timeout = None if not self._due else max(0.0, self._due[0][0] - time.monotonic())
+                self._wakeup.clear()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _retry(self, pending: _Pending) -> None:
+        """Read the pod again (it may have changed, been recorded or deleted) and try once more."""
+        ref = f"{pending.namespace}/{pending.name}"
+        try:
+            pod = await self._rt.kube.read_pod(namespace=pending.namespace, name=pending.name)
+        except Exception as exc:
+            self._schedule_ref(pending, reason="pod-unreadable", error=exc)
+            return
+        if pod is None or (pod.get("metadata") or {}).get("uid") != pending.uid:
+            log.info("record_abandoned_pod_gone", pod=ref)
+            return
+        await self._attempt(pod, attempt=pending.attempt + 1)
 
     async def _attempt(self, pod: Mapping[str, Any], *, attempt: int) -> None:
         metadata = pod.get("metadata") or {}
         ref = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        started_at = time.time()
         try:
-            entry_id = await self._record(pod, attempt=attempt)
+            recorded = await self._record(pod, attempt=attempt)
         except _RetryLater as exc:
             self._schedule(pod, attempt=attempt, reason=exc.reason)
             return
-        except Exception as exc:
-            metrics.RECORD_REJECTED.labels(reason="internal-error").inc()
-            log.exception("record_failed", pod=ref, error=repr(exc))
+        except _GiveUp as exc:
+            metrics.RECORD_GIVEN_UP.labels(reason=exc.reason).inc()
+            log.warning("record_given_up", pod=ref, reason=exc.reason, attempt=attempt)
             return
-        if entry_id is not None:
-            log.info("recorded", pod=ref, entry_id=entry_id, attempt=attempt)
+        except Exception as exc:
+            # Whatever it is (a dropped connection raises neither ApiException nor OSError), it is retried a few
+            # times, then left to the resync: never silently dropped.
+            log.exception("record_failed", pod=ref, error=repr(exc), attempt=attempt)
+            if attempt + 1 >= self._max_unexpected_attempts:
+                metrics.RECORD_GIVEN_UP.labels(reason="unexpected-error").inc()
+                return
+            self._schedule(pod, attempt=attempt, reason="unexpected-error")
+            return
+        if recorded is not None:
+            # The stages, so a slow recording can be told apart: waiting for the handler, the row, the label.
+            log.info(
+                "recorded",
+                pod=ref,
+                entry_id=recorded.entry_id,
+                attempt=attempt,
+                handler_started_at=round(started_at, 4),
+                row_ms=round(recorded.row_seconds * 1000, 2),
+                mirror_ms=round(recorded.mirror_seconds * 1000, 2),
+                label_ms=round(recorded.label_seconds * 1000, 2),
+            )
 
     def _schedule(self, pod: Mapping[str, Any], *, attempt: int, reason: str) -> None:
         metadata = pod.get("metadata") or {}
-        metrics.RECORD_RETRIES.labels(reason=reason).inc()
-        if len(self._pending) >= self._max_pending:
-            # Dropped here, not lost: the pod keeps its empty cache-id, so the next re-LIST delivers it again.
-            metrics.RECORD_REJECTED.labels(reason="retry-queue-full").inc()
-            log.warning("retry_queue_full", pod=f"{metadata.get('namespace')}/{metadata.get('name')}")
-            return
-        delay = min(self._max_delay, self._first_delay * 2**attempt)
-        # Copied only here: kopf may reuse the delivered body, and most pods never wait (7 % of the recorder's CPU
-        # went to copying every delivered pod; docs/benchmarks.md).
-        self._pending[metadata.get("uid", "")] = _Pending(
-            pod=_slim_copy(pod), attempt=attempt, due=time.monotonic() + delay
+        pending = _Pending(
+            namespace=str(metadata.get("namespace", "")),
+            name=str(metadata.get("name", "")),
+            uid=str(metadata.get("uid", "")),
+            attempt=attempt,
+            due=0.0,
         )
+        self._schedule_ref(pending, reason=reason)
+
+    def _schedule_ref(self, pending: _Pending, *, reason: str, error: BaseException | None = None) -> None:
+        ref = f"{pending.namespace}/{pending.name}"
+        metrics.RECORD_RETRIES.labels(reason=reason).inc()
+        if len(self._pending) >= self._max_pending and pending.uid not in self._pending:
+            # Turned away, not lost: the pod keeps its empty cache-id, so the next resync delivers it again.
+            metrics.RECORD_GIVEN_UP.labels(reason="retry-queue-full").inc()
+            log.warning("retry_queue_full", pod=ref)
+            return
+        delay = min(self._max_delay, self._first_delay * 2**pending.attempt)
+        pending.due = time.monotonic() + delay
+        self._pending[pending.uid] = pending
+        heapq.heappush(self._due, (pending.due, pending.uid))
         self._wakeup.set()
         log.info(
             "record_retry_scheduled",
-            pod=f"{metadata.get('namespace')}/{metadata.get('name')}",
+            pod=ref,
             reason=reason,
-            attempt=attempt,
+            attempt=pending.attempt,
             delay=delay,
+            error=None if error is None else repr(error),
         )
 
-    async def _record(self, pod: Mapping[str, Any], *, attempt: int) -> int | None:
+    async def _record(self, pod: Mapping[str, Any], *, attempt: int) -> _Recorded | None:
         rt = self._rt
         metadata = pod.get("metadata") or {}
         labels = metadata.get("labels") or {}
@@ -155,8 +272,11 @@ class Recorder:
             rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers, provenance=provenance
         )
         if isinstance(key, str):
-            metrics.RECORD_REJECTED.labels(reason=key).inc()
-            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=key)
+            await self._reject(pod, reason=key)
+            return None
+        not_as_keyed = execution.why_not_as_keyed(pod, key.containers)
+        if not_as_keyed is not None:
+            await self._reject(pod, reason=not_as_keyed)
             return None
         try:
             task_result = await self._argo_task_result(pod, attempt=attempt)
@@ -167,7 +287,9 @@ class Recorder:
                     pod, task_result=task_result, last_attempt=attempt + 1 >= _ARTIFACT_ATTEMPTS
                 )
                 entry = harvested.apply(entry) if harvested is not None else entry
+            before_row = time.perf_counter()
             entry_id = await rt.store.record(entry)
+            row_seconds = time.perf_counter() - before_row
             if harvested is not None and rt.blobs is not None:
                 await rt.blobs.store_locations(scope=entry.namespace, located=harvested.located(entry_id=entry_id))
         except harvest.Unavailable as exc:
@@ -177,27 +299,51 @@ class Recorder:
             log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("store-unavailable") from exc
         except errors.Uncacheable as exc:
-            metrics.RECORD_REJECTED.labels(reason="uncacheable").inc()
-            log.warning("record_rejected", pod=f"{namespace}/{metadata.get('name')}", reason=exc.reason)
+            await self._reject(pod, reason="uncacheable", detail=exc.reason)
             return None
         metrics.RECORDED.inc()
+        metrics.RECORD_STAGE_SECONDS.labels(stage="row").observe(row_seconds)
+        before_mirror = time.perf_counter()
         if rt.mirror is not None:
             # Before the label: a crash in between replays it on the next delivery (it never raises).
             await rt.mirror.recorded(pod, entry_id=entry_id)
+        mirror_seconds = time.perf_counter() - before_mirror
+        metrics.RECORD_STAGE_SECONDS.labels(stage="mirror").observe(mirror_seconds)
+        before_label = time.perf_counter()
         try:
             await rt.kube.label_cache_id(
                 namespace=namespace, name=metadata.get("name", ""), uid=metadata.get("uid", ""), entry_id=entry_id
             )
-        except (ApiException, OSError) as exc:
+        except Exception as exc:
             # The row exists; the label is retried so the pod stops being delivered as unrecorded.
             log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             raise _RetryLater("label-failed") from exc
-        return entry_id
+        label_seconds = time.perf_counter() - before_label
+        metrics.RECORD_STAGE_SECONDS.labels(stage="label").observe(label_seconds)
+        return _Recorded(
+            entry_id=entry_id, row_seconds=row_seconds, mirror_seconds=mirror_seconds, label_seconds=label_seconds
+        )
+
+    async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
+        """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""
+        metadata = pod.get("metadata") or {}
+        namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
+        metrics.RECORD_REJECTED.labels(reason=reason).inc()
+        log.warning("record_rejected", pod=f"{namespace}/{name}", reason=reason, detail=detail)
+        try:
+            await self._rt.kube.clear_cache_id(namespace=namespace, name=name, uid=metadata.get("uid", ""))
+        except Exception as exc:
+            # Still labelled: rejected again on the next delivery, which costs a check and writes nothing.
+            log.warning("unlabel_failed", pod=f"{namespace}/{name}", error=str(exc))
+            raise _RetryLater("unlabel-failed") from exc
 
     async def _provenance(self, pod: Mapping[str, Any], *, namespace: str) -> artifacts.Resolved:
         """What the pod's Argo input artifacts' locations hold, as known now (the webhook may have known less)."""
         rt = self._rt
-        tmpl = argo.template(pod) if rt.blobs is not None and argo.is_argo(pod) else None
+        try:
+            tmpl = argo.template(pod) if rt.blobs is not None and argo.is_argo(pod) else None
+        except errors.Uncacheable:
+            return artifacts.UNKNOWN  # the key check says why
         locations = artifacts.input_locations(tmpl) if tmpl is not None else []
         if not locations or rt.blobs is None:
             return artifacts.UNKNOWN
@@ -216,21 +362,19 @@ class Recorder:
                 result = await self._rt.kube.workflow_task_result(
                     namespace=(pod.get("metadata") or {}).get("namespace", ""), name=name
                 )
-            except (ApiException, OSError) as exc:
+            except Exception as exc:
                 raise _RetryLater("argo-task-result-unreadable") from exc
         if result is not None and outputs.task_result_complete(result):
+            if not outputs.task_result_of(result, pod):
+                raise errors.Uncacheable("the WorkflowTaskResult belongs to another workflow than the pod")
             return result
         if argo.OUTPUTS_ANNOTATION in annotations:
-            return None  # older Argo: outputs are on the pod itself
+            # Older Argo: outputs on the pod itself. The webhook removes this annotation at CREATE, so one that is
+            # present now was written after admission, by Argo's `wait`.
+            return None
         if attempt + 1 >= _ARGO_OUTPUT_ATTEMPTS:
-            raise errors.Uncacheable("Argo outputs were never reported complete")
+            raise _GiveUp("argo-outputs-never-completed")
         raise _RetryLater("argo-outputs-pending")
-
-
-def _slim_copy(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """What recording a pod needs, copied: everything but managedFields, often two thirds of a pod's size."""
-    metadata = {k: v for k, v in (pod.get("metadata") or {}).items() if k != "managedFields"}
-    return copy.deepcopy({"metadata": metadata, "spec": pod.get("spec") or {}, "status": pod.get("status") or {}})
 
 
 def _verified_key(
@@ -245,7 +389,7 @@ def _verified_key(
     """The pod's key if its signature and the key recomputed from the pod as it is now both hold, else why not.
 
     A consumer of Argo artifacts admitted before its inputs' content was known was keyed by their locations: when
-    that is the signed key, the key returned is the one by content (`provenance`), which later runs will look up.
+    that is the signed key, the key returned is the one by content (`provenance`), which later runs look up.
     """
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     signature = annotations.get(mutation.KEY_SIGNATURE)
@@ -261,16 +405,21 @@ def _verified_key(
             namespace=namespace,
             options=rt.key_options,
             containers=key_containers.split(","),
+            references=rt.references,
             provenance=provenance,
         )
         if recomputed.value != key_value and provenance.known:
             by_location = keys.compute(
-                pod, namespace=namespace, options=rt.key_options, containers=key_containers.split(",")
+                pod,
+                namespace=namespace,
+                options=rt.key_options,
+                containers=key_containers.split(","),
+                references=rt.references,
             )
             if by_location.value == key_value:
                 return recomputed
     except errors.Uncacheable:
-        return "key-containers-missing"
+        return "not-keyable"  # a key container is gone, or a referenced ConfigMap is unknown now
     if recomputed.value != key_value:
         return "key-mismatch"
     return recomputed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import blobs, config, keys, kube, mirror, mutation, store
+from stepcache import blobs, config, keys, kube, mirror, mutation, references, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -40,6 +40,8 @@ class Runtime:
     namespaces: OptedInNamespaces
     key_options: keys.KeyOptions
     replay_options: mutation.ReplayOptions
+    references: references.ReferenceView
+    """Digests of the ConfigMaps (and, with STEPCACHE_KEY_SECRET_CONTENT, Secrets) of opted-in namespaces."""
     mirror: mirror.Mirror | None = None
     """CacheEntry objects and Events; None where no cluster-side view is wanted (unit tests)."""
     blobs: blobs.BlobStore | None = None

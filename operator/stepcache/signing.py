@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-__all__ = ["signature", "verify"]
+__all__ = ["secret_content_key", "signature", "verify"]
 
 _HEX_LENGTH = hashlib.sha256().digest_size * 2
 
@@ -40,3 +40,12 @@ def verify(signing_key: bytes, *, namespace: str, key: str, key_containers: str,
     except (ValueError, TypeError):  # not hex, not encodable, not a key: not a valid signature either
         return False
     return hmac.compare_digest(given, expected)
+
+
+def secret_content_key(signing_key: bytes) -> bytes:
+    """The key for HMACs of Secret data in cache keys, derived from the signing key but never equal to it.
+
+    A separate key means a digest that ends up in key material (and so in the database) can never be replayed as
+    an annotation signature, nor the other way round.
+    """
+    return hmac.new(signing_key, b"stepcache/secret-content", hashlib.sha256).digest()

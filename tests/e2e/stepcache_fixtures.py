@@ -70,6 +70,11 @@ class Cluster:
         result = self.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(obj))
         return json.loads(result.stdout), result.stderr
 
+    def create_dry_run(self, obj: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """What the API server would store (admission included), without storing it."""
+        result = self.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(obj))
+        return json.loads(result.stdout), result.stderr
+
     def pod(self, name: str) -> dict[str, Any]:
         return json.loads(self.kubectl("get", "pod", name, "-o", "json").stdout)  # type: ignore[no-any-return]
 

@@ -23,7 +23,8 @@ def assert_not_recorded(cluster: Cluster, name: str, reason: str) -> None:
     event = cluster.wait_log_event("record_rejected", name)
     assert event["reason"] == reason
     assert cluster.rows() == []
-    assert cluster.pod(name)["metadata"]["labels"][CACHE_ID] == ""
+    # Rejected for good: the cache-id label is gone, so the recorder never looks at the pod again.
+    cluster.wait_label(name, CACHE_ID, lambda value: value is None)
 
 
 def test_a_pod_whose_key_containers_annotation_is_edited_is_not_recorded(cluster: Cluster) -> None:
@@ -99,3 +100,20 @@ def test_the_operator_created_its_signing_key_in_its_namespace(control_plane: Co
         control_plane.kubectl("get", "secret", kube.SIGNING_SECRET, "-n", "stepcache-system", "-o", "json").stdout
     )
     assert len(base64.b64decode(secret["data"]["key"])) == 32
+
+
+def test_an_image_swapped_while_running_and_restored_after_success_is_not_recorded(cluster: Cluster) -> None:
+    # Stopped so that the recorder first sees the pod once its spec looks untouched again.
+    pod, _ = cluster.create(step_pod("swapped", "sleep 4; printf 'swapped' > /dev/termination-log"))
+    name = pod["metadata"]["name"]
+    cluster.wait_pod_phase(name, "Running")
+    cluster.operator.stop()
+    try:
+        cluster.kubectl("set", "image", f"pod/{name}", "main=busybox:1.37.0")  # the kubelet restarts main with it
+        succeeded = cluster.wait_pod_phase(name, "Succeeded")
+        status = succeeded["status"]["containerStatuses"][0]
+        assert (status["image"], status["restartCount"]) == ("busybox:1.37.0", 1)
+        cluster.kubectl("set", "image", f"pod/{name}", "main=busybox:1.36.1")  # the spec looks as admitted again
+    finally:
+        cluster.operator.start()
+    assert_not_recorded(cluster, name, "image-mismatch")

@@ -418,8 +418,8 @@ async def create(cluster: Emulator, obj: Mapping[str, Any]) -> dict[str, Any]:
     kind = obj["kind"]
     if kind == "Namespace":
         path = "/api/v1/namespaces"  # served with _parse_path
-    elif kind == "Pod":
-        path = f"/api/v1/namespaces/{metadata['namespace']}/pods"
+    elif kind in ("Pod", "ConfigMap"):
+        path = f"/api/v1/namespaces/{metadata['namespace']}/{kind.lower()}s"
     else:
         raise ValueError(f"no path for kind {kind}")
     headers = {"Content-Type": "application/json"}
@@ -435,6 +435,20 @@ async def label_namespace(cluster: Emulator, name: str, labels: Mapping[str, str
     headers = {"Content-Type": "application/merge-patch+json"}
     async with cluster.patch(f"/api/v1/namespaces/{name}", data=json.dumps(body), headers=headers) as response:
         assert response.status < 300, await response.text()
+
+
+def configmap(namespace: str, name: str, data: Mapping[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace}, "data": data}
+
+
+TRAIN_CONFIG = {"epochs": "10"}
+"""What ConfigMap `train-config` holds in the fixtures' namespace: the Job fixture pod reads it (env and a volume)."""
+
+
+async def create_opted_in(cluster: Emulator, name: str) -> None:
+    """An opted-in namespace holding the ConfigMap the fixture pods read, so the operator can key them."""
+    await create(cluster, namespace(name, opted_in=True))
+    await create(cluster, configmap(name, "train-config", TRAIN_CONFIG))
 
 
 def namespace(name: str, *, opted_in: bool) -> dict[str, Any]:

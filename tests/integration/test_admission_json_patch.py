@@ -21,11 +21,13 @@ import aiohttp
 import jsonpatch
 import pytest
 
-from stepcache import keys, model, mutation, patches, signing, store
+from stepcache import keys, model, mutation, patches, references, signing, store
 from tests.integration import operator_harness as harness
 
 NAMESPACE = "team-a"
 IMAGE = "busybox@sha256:9ae97d36d26566ff84e8893c64a6dc4fe8ca6d1144bf5b87b2b85a32def253c7"
+NO_REFERENCES = references.ReferenceView()
+"""The pod below reads no ConfigMap: any view keys it the same."""
 
 
 def true_pod() -> dict[str, Any]:
@@ -53,14 +55,14 @@ def ops_of(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def signed_for(pod: dict[str, Any]) -> mutation.Signed:
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=NO_REFERENCES)
     containers = ",".join(key.containers)
     signature = signing.signature(harness.SIGNING_KEY, namespace=NAMESPACE, key=key.value, key_containers=containers)
     return mutation.Signed(key=key.value, key_containers=key.containers, signature=signature)
 
 
 async def stored_entry(cache: store.Store, pod: dict[str, Any]) -> model.CachedEntry:
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=NO_REFERENCES)
     finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     await cache.record(
         model.NewEntry(
@@ -88,7 +90,7 @@ async def operator(
 ) -> AsyncIterator[tuple[harness.Operator, aiohttp.ClientSession]]:
     certs = harness.webhook_tls(tmp_path)
     async with harness.emulated_cluster() as cluster:
-        await harness.create(cluster, harness.namespace(NAMESPACE, opted_in=True))
+        await harness.create_opted_in(cluster, NAMESPACE)
         launcher = harness.Launcher(cluster=cluster, certs=certs, tmp_path=tmp_path, monkeypatch=monkeypatch)
         async with (
             launcher.run(cache_url, opted_in=NAMESPACE, STEPCACHE_DB_TIMEOUT_MS="5000") as op,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from hack.cluster import postgres as cluster_postgres
 
-from stepcache import keys, model, mutation, signing, store
+from stepcache import keys, model, mutation, references, signing, store
 from tests.integration import operator_harness as harness
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
@@ -50,9 +50,15 @@ def load_pod(name: str = "job-pod") -> dict[str, Any]:
     return loaded
 
 
+REFERENCES = references.ReferenceView()
+REFERENCES.put_configmap(NAMESPACE, "train-config", data=harness.TRAIN_CONFIG, binary_data=None)
+REFERENCES.put_configmap(OTHER_NAMESPACE, "train-config", data=harness.TRAIN_CONFIG, binary_data=None)
+"""What the operator's view must know of the ConfigMap job-pod.yaml reads, for these keys to be the operator's."""
+
+
 def key_of(pod: Mapping[str, Any]) -> keys.Key:
     """The key admission computes under the default settings (scope namespace, no salt)."""
-    return keys.compute(pod, namespace=pod["metadata"]["namespace"], options=keys.KeyOptions())
+    return keys.compute(pod, namespace=pod["metadata"]["namespace"], options=keys.KeyOptions(), references=REFERENCES)
 
 
 def signature_of(key: keys.Key, *, namespace: str = NAMESPACE) -> str:
@@ -115,8 +121,9 @@ def certs(tmp_path: pathlib.Path) -> harness.WebhookTLS:
 @pytest.fixture
 async def cluster() -> AsyncIterator[harness.Emulator]:
     async with harness.emulated_cluster() as emulated:
-        await harness.create(emulated, harness.namespace(NAMESPACE, opted_in=True))
+        await harness.create_opted_in(emulated, NAMESPACE)
         await harness.create(emulated, harness.namespace(OTHER_NAMESPACE, opted_in=False))
+        await harness.create(emulated, harness.configmap(OTHER_NAMESPACE, "train-config", harness.TRAIN_CONFIG))
         yield emulated
 
 

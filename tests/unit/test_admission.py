@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from stepcache import admission, config, errors, keys, kube, model, mutation, runtime, signing, store
+from stepcache import admission, config, errors, keys, kube, model, mutation, references, runtime, signing, store
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "pods"
 NAMESPACE = "team-a"
@@ -19,6 +19,9 @@ SIGNING_KEY = b"unit-test-signing-key-0123456789abcdef"
 DB_TIMEOUT = 0.05
 MARGIN = 0.5
 """Seconds of scheduling slack; far below the hang the slow store simulates."""
+REFERENCES = references.ReferenceView()
+REFERENCES.put_configmap(NAMESPACE, "train-config", data={"epochs": "10"}, binary_data=None)
+"""What the operator's view knows of the ConfigMap job-pod.yaml reads."""
 
 
 class FakeStore:
@@ -48,6 +51,7 @@ def make_runtime(fake: FakeStore) -> runtime.Runtime:
         namespaces=namespaces,
         key_options=keys.KeyOptions(),
         replay_options=mutation.ReplayOptions(cache_image="busybox:1.36.1"),
+        references=REFERENCES,
     )
 
 
@@ -59,7 +63,7 @@ def load_pod() -> dict[str, Any]:
 
 
 def miss_patch(pod: dict[str, Any]) -> dict[str, Any]:
-    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions())
+    key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=REFERENCES)
     containers = ",".join(key.containers)
     signature = signing.signature(SIGNING_KEY, namespace=NAMESPACE, key=key.value, key_containers=containers)
     signed = mutation.Signed(key=key.value, key_containers=key.containers, signature=signature)

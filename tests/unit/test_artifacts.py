@@ -409,3 +409,40 @@ def test_any_template_and_task_result_are_read_without_an_unexpected_error(
     artifacts.keyed_inputs(tmpl, provenance=artifacts.UNKNOWN)
     with contextlib.suppress(artifacts.NotReplayable):
         artifacts.record_plan(tmpl, task_result={"outputs": {"artifacts": result}})
+
+
+# --- the key ---------------------------------------------------------------------------------------------------------
+
+
+def consumer_pod(input_key: str, *, run: str) -> dict[str, Any]:
+    """The Argo 3.6 fixture pod, running the consumer template of `run`."""
+    from tests.unit.test_mutation import load, set_template
+
+    pod = load("argo-3.6-pod")
+    set_template(pod, {**consumer(input_key, run=run), "script": None})
+    return pod
+
+
+def test_two_runs_of_a_consumer_share_a_key_only_when_their_inputs_content_is_known() -> None:
+    from stepcache import keys, references
+
+    run1 = consumer_pod("wf-1/wf-1-produce-111/data.tgz", run="wf-1")
+    run2 = consumer_pod("wf-2/wf-2-produce-999/data.tgz", run="wf-2")
+    known = artifacts.Resolved(
+        {artifacts.input_locations(consumer("wf-1/wf-1-produce-111/data.tgz", run="wf-1"))[0]: "ab" * 32}
+        | {artifacts.input_locations(consumer("wf-2/wf-2-produce-999/data.tgz", run="wf-2"))[0]: "ab" * 32}
+    )
+
+    def key(pod: dict[str, Any], provenance: artifacts.Provenance) -> str:
+        return keys.compute(
+            pod,
+            namespace="team-a",
+            options=keys.KeyOptions(),
+            references=references.Unresolved(),
+            provenance=provenance,
+        ).value
+
+    assert key(run1, artifacts.UNKNOWN) != key(run2, artifacts.UNKNOWN)
+    assert key(run1, known) == key(run2, known)
+    other = artifacts.Resolved({location: "cd" * 32 for location in known.known})
+    assert key(run1, other) != key(run1, known)

@@ -59,8 +59,10 @@ def test_key_namespace_option_changes_the_key() -> None:
 def test_key_material_is_canonical_json() -> None:
     result = stepcache("key", str(POD), "--material")
     material = json.loads(result.stdout)
-    assert material["scheme"] == "stepcache/v1"
+    assert material["scheme"] == "stepcache/v2"
     assert material["scope"] == "ml"
+    assert material["configMapContent"] == "unresolved"
+    assert material["containers"][0]["envFrom"] == [{"configMapRef": {"name": "train-env"}}]
     assert result.stdout.strip() == json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -90,7 +92,7 @@ def test_a_file_that_is_not_a_pod_is_a_clear_error(tmp_path: pathlib.Path) -> No
     job.write_text("kind: Job\napiVersion: batch/v1\n")
     result = stepcache("key", str(job))
     assert result.returncode == 2
-    assert "holds a Job, not a Pod or an AdmissionReview" in result.stderr
+    assert result.stderr.endswith(": kind: holds a 'Job', not a Pod or an AdmissionReview\n")
     missing = stepcache("key", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr

@@ -24,6 +24,7 @@ def test_defaults_are_the_production_ones() -> None:
     assert s.default_max_staleness is None
     assert s.max_staleness == datetime.timedelta(days=30)
     assert s.require_digest is False
+    assert s.key_secret_content is False
     assert s.signing_key_file is None
     assert s.webhook_port == 9443
 
@@ -38,6 +39,7 @@ def test_every_setting_is_read() -> None:
         STEPCACHE_CACHE_IMAGE="registry.local/replay:1",
         STEPCACHE_KEEP_NODE_CONSTRAINTS="yes",
         STEPCACHE_KEY_SERVICE_ACCOUNT="1",
+        STEPCACHE_KEY_SECRET_CONTENT="on",
         STEPCACHE_REQUIRE_DIGEST="true",
         STEPCACHE_SIGNING_KEY_FILE="/keys/k",
         STEPCACHE_WEBHOOK_PORT="8443",
@@ -52,6 +54,7 @@ def test_every_setting_is_read() -> None:
     assert s.cache_image == "registry.local/replay:1"
     assert s.keep_node_constraints
     assert s.key_service_account
+    assert s.key_secret_content
     assert s.require_digest
     assert s.signing_key_file == pathlib.Path("/keys/k")
     assert s.webhook_port == 8443

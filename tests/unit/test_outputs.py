@@ -185,3 +185,33 @@ def test_reading_outputs_changes_nothing() -> None:
     outputs.new_entry(pod, cache_key="k", key_material=MATERIAL, task_result=task_result)
 
     assert (pod, task_result) == before
+
+
+# --- whose WorkflowTaskResult -----------------------------------------------------------------------------------------
+
+
+def test_the_task_result_written_for_the_pod_is_its_own() -> None:
+    assert outputs.task_result_of(load("argo-3.6-taskresult"), load("argo-3.6-pod-succeeded"))
+
+
+def test_a_task_result_owned_by_another_pod_is_not_the_pods() -> None:
+    # A hand-made pod naming the real step's node id finds the real step's result under that name.
+    impostor = load("argo-3.6-pod-succeeded")
+    impostor["metadata"]["uid"] = "00000000-0000-4000-8000-000000000000"
+    assert not outputs.task_result_of(load("argo-3.6-taskresult"), impostor)
+
+
+def test_a_task_result_of_another_workflow_is_not_the_pods() -> None:
+    other = load("argo-3.6-taskresult")
+    other["metadata"]["labels"]["workflows.argoproj.io/workflow"] = "someone-elses-wf"
+    assert not outputs.task_result_of(other, load("argo-3.6-pod-succeeded"))
+
+
+def test_a_task_result_owned_by_another_workflow_is_not_the_pods() -> None:
+    pod = load("argo-3.6-pod-succeeded")
+    pod["metadata"]["ownerReferences"] = [{"kind": "Workflow", "name": "count-wf-4kz9q", "uid": "wf-1"}]
+    result = load("argo-3.6-taskresult")
+    result["metadata"]["ownerReferences"] = [{"kind": "Workflow", "name": "count-wf-4kz9q", "uid": "wf-2"}]
+    assert not outputs.task_result_of(result, pod)
+    result["metadata"]["ownerReferences"][0]["uid"] = "wf-1"
+    assert outputs.task_result_of(result, pod)

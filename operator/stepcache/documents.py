@@ -1,0 +1,164 @@
+"""Reading a Pod or AdmissionReview that a user hands to the command line, whatever the file holds.
+
+The webhook only ever sees pods the API server has validated; the command line reads anything: other encodings,
+YAML features Kubernetes objects never use (dates, binary, anchors expanded a billion times), nesting deep enough to
+exhaust the parser's recursion, and fields of the wrong type (`command: "echo hi"` is not a list). Each of these must
+end in one line naming the file, the field and the reason, within bounded memory — never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from stepcache import errors
+
+__all__ = ["MAX_BYTES", "Loaded", "load_pod", "pod_shape_problems"]
+
+MAX_BYTES = 8 * 1024 * 1024
+"""Larger than any object the API server stores (its request limit is 3 MiB), small enough to parse safely."""
+_MAX_ALIASES = 64
+_MAX_NODES = 1_000_000
+_MAX_DEPTH = 64
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with plain strings for dates (as Kubernetes' own YAML decoding yields) and a bound on aliases."""
+
+    aliases_seen = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen += 1
+            if self.aliases_seen > _MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {_MAX_ALIASES} YAML aliases")
+        return super().compose_node(parent, index)
+
+
+# Kubernetes objects carry times as strings; YAML 1.1's implicit timestamps would turn them into datetimes.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _refuse_binary(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(None, None, "binary values have no place in a Pod", node.start_mark)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Loaded:
+    """The pod read from a document, and the namespace an AdmissionReview's request names (if any)."""
+
+    pod: dict[str, Any]
+    request_namespace: str | None
+
+
+def load_pod(data: bytes, *, source: str) -> Loaded:
+    """A Pod from a Pod document or an AdmissionReview (its request.object), YAML or JSON; raises InvalidDocument."""
+    if len(data) > MAX_BYTES:
+        raise errors.InvalidDocument(source, None, f"larger than {MAX_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidDocument(source, None, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        document = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except RecursionError:
+        raise errors.InvalidDocument(source, None, "nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise errors.InvalidDocument(source, None, f"not YAML or JSON: {_first_line(exc)}") from None
+    _check_size(document, source=source)
+    if not isinstance(document, Mapping):
+        raise errors.InvalidDocument(source, None, "does not hold an object")
+    request_namespace: str | None = None
+    if document.get("kind") == "AdmissionReview":
+        request = document.get("request")
+        if not isinstance(request, Mapping) or not isinstance(request.get("object"), Mapping):
+            raise errors.InvalidDocument(source, "request.object", "the AdmissionReview holds no object")
+        namespace = request.get("namespace")
+        request_namespace = namespace if isinstance(namespace, str) and namespace else None
+        document = request["object"]
+    kind = document.get("kind", "Pod")
+    if kind != "Pod":
+        raise errors.InvalidDocument(source, "kind", f"holds a {kind!r}, not a Pod or an AdmissionReview")
+    for field, reason in pod_shape_problems(document):
+        raise errors.InvalidDocument(source, field, reason)
+    return Loaded(pod=dict(document), request_namespace=request_namespace)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _check_size(document: Any, *, source: str) -> None:
+    """Bound what later code walks: aliases share nodes, so a small file can stand for a huge tree."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_NODES:
+            raise errors.InvalidDocument(source, None, f"more than {_MAX_NODES} values")
+        if depth > _MAX_DEPTH:
+            raise errors.InvalidDocument(source, None, f"nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(value, Mapping):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+# --- shape -----------------------------------------------------------------------------------------------------------
+
+_STRING_LISTS = ("command", "args")
+_OBJECT_LISTS = ("env", "envFrom", "volumeMounts", "volumeDevices", "ports")
+
+
+def pod_shape_problems(pod: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(field, reason) for every field the key reads whose type is not the one the API server would accept."""
+    metadata = pod.get("metadata", {})
+    if not isinstance(metadata, Mapping):
+        yield "metadata", "must be an object"
+        return
+    for field in ("labels", "annotations"):
+        values = metadata.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            yield f"metadata.{field}", "must be an object"
+        elif any(not isinstance(v, str) for v in values.values()):
+            yield f"metadata.{field}", "values must be strings"
+    spec = pod.get("spec", {})
+    if not isinstance(spec, Mapping):
+        yield "spec", "must be an object"
+        return
+    for group in ("initContainers", "containers", "volumes"):
+        if not _list_of(spec.get(group), Mapping):
+            yield f"spec.{group}", "must be a list of objects"
+            return
+    for group in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(group) or []):
+            where = f"spec.{group}[{index}]"
+            if not isinstance(container.get("name"), str):
+                yield f"{where}.name", "must be a string"
+            for field in _STRING_LISTS:
+                if not _list_of(container.get(field), str):
+                    yield f"{where}.{field}", "must be a list of strings"
+            for field in _OBJECT_LISTS:
+                if not _list_of(container.get(field), Mapping):
+                    yield f"{where}.{field}", "must be a list of objects"
+            for field in ("image", "workingDir"):
+                value = container.get(field)
+                if value is not None and not isinstance(value, str):
+                    yield f"{where}.{field}", "must be a string"
+
+
+def _list_of(value: Any, kind: type) -> bool:
+    """Absent, or a list whose every item is a `kind`."""
+    return value is None or (isinstance(value, list) and all(isinstance(item, kind) for item in value))
