@@ -7,7 +7,8 @@ the schemas below, and a mismatch becomes one sentence naming the field (`spec.c
 object`); the readers behind the check stay simple.
 
 The schemas list only the fields stepcache reads, with the types the Kubernetes (or Argo) schema gives them; every
-other field may hold anything. A JSON null counts as absent, as it does for the API server.
+other field may hold anything. A JSON null counts as absent for an object's field, as it does for the API server; a
+null list item or map value is of the wrong type.
 
 What reaches the webhook through a real API server always fits `POD` (the API server decodes a Pod into its typed
 struct); only a direct POST or the command line can break it. An Argo template is different: it is JSON inside a
@@ -92,23 +93,31 @@ class MapOf(Shape):
 
     def inner(self, value: Any, at: str) -> Iterator[tuple[str, str]]:
         for name, item in value.items():
-            yield from _check(item, self.values, f"{at}[{name!r}]")
+            yield from _check(item, self.values, f"{at}[{name!r}]", absent=False)
 
 
 class ListOf(Shape):
     """A JSON array whose every item has one shape."""
 
-    what = "a list"
-
     def __init__(self, items: Shape) -> None:
         self.items = items
+        self.what = f"a list of {_PLURALS.get(items.what, 'values')}"
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, list)
 
     def inner(self, value: Any, at: str) -> Iterator[tuple[str, str]]:
         for index, item in enumerate(value):
-            yield from _check(item, self.items, f"{at}[{index}]")
+            yield from _check(item, self.items, f"{at}[{index}]", absent=False)
+
+
+_PLURALS = {
+    "a string": "strings",
+    "a boolean": "booleans",
+    "an integer": "integers",
+    "a quantity (a string or a number)": "quantities",
+    "an object": "objects",
+}
 
 
 def problems(value: Any, shape: Shape, *, at: str = "") -> Iterator[tuple[str, str]]:
@@ -119,8 +128,10 @@ def problems(value: Any, shape: Shape, *, at: str = "") -> Iterator[tuple[str, s
     return _check(value, shape, at)
 
 
-def _check(value: Any, shape: Shape, at: str) -> Iterator[tuple[str, str]]:
-    if value is None:
+def _check(value: Any, shape: Shape, at: str, *, absent: bool = True) -> Iterator[tuple[str, str]]:
+    """`absent`: a null here means the field is not there (an object's field), not a value of the wrong type (a list
+    item, a map's value)."""
+    if value is None and absent:
         return
     if not shape.accepts(value):
         yield at, f"must be {shape.what}"

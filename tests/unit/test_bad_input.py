@@ -160,7 +160,7 @@ TEMPLATE_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "outputs a string": (lambda: with_template(replace("outputs", "x")), "outputs must be an object"),
     "outputs.parameters a string": (
         lambda: with_template(outputs_parameters("abc")),
-        "outputs.parameters must be a list",
+        "outputs.parameters must be a list of objects",
     ),
     "an output parameter a number": (
         lambda: with_template(outputs_parameters([5])),
@@ -224,7 +224,7 @@ POD_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "spec a string": (lambda: set_in(job(), "spec", "x"), "spec must be an object"),
     "containers an object": (
         lambda: set_in(job(), "spec.containers", {"train": {}}),
-        "spec.containers must be a list",
+        "spec.containers must be a list of objects",
     ),
     "an env item a string": (
         lambda: set_in(job(), "spec.containers.0.env", ["A=1"]),
@@ -245,7 +245,7 @@ POD_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "a volume a string": (lambda: set_in(job(), "spec.volumes", ["data"]), "spec.volumes[0] must be an object"),
     "a projected volume's sources a number": (
         lambda: set_in(job(), "spec.volumes", [{"name": "p", "projected": {"sources": 3}}]),
-        "spec.volumes[0].projected.sources must be a list",
+        "spec.volumes[0].projected.sources must be a list of objects",
     ),
     "a container's resources a list": (
         lambda: set_in(job(), "spec.containers.0.resources", ["cpu"]),
@@ -253,7 +253,7 @@ POD_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     ),
     "a command a string": (
         lambda: set_in(job(), "spec.containers.0.command", "echo hi"),
-        "spec.containers[0].command must be a list",
+        "spec.containers[0].command must be a list of strings",
     ),
     "a pod security context a string": (
         lambda: set_in(job(), "spec.securityContext", "restricted"),
@@ -262,6 +262,14 @@ POD_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "a sysctl a string": (
         lambda: set_in(job(), "spec.securityContext", {"sysctls": ["net.ipv4.ip_forward=1"]}),
         "spec.securityContext.sysctls[0] must be an object",
+    ),
+    "an init container null (found by the fuzzer)": (
+        lambda: set_in(job(), "spec.initContainers", [None, *job()["spec"]["initContainers"]]),
+        "spec.initContainers[0] must be an object",
+    ),
+    "an annotation null": (
+        lambda: annotated(job(), "stepcache.dev/key", None),
+        "metadata.annotations['stepcache.dev/key'] must be a string",
     ),
     "a node selector a list": (
         lambda: set_in(job(), "spec.nodeSelector", ["gpu"]),

@@ -68,13 +68,22 @@ def test_problems_name_each_misfit_field_by_its_path() -> None:
         ("metadata.annotations", "must be an object"),
         ("spec.containers[0].env[1]", "must be an object"),
         ("spec.containers[1].name", "must be a string"),
-        ("spec.containers[1].command", "must be a list"),
-        ("spec.volumes[0].projected.sources[0].configMap.items", "must be a list"),
+        ("spec.containers[1].command", "must be a list of strings"),
+        ("spec.volumes[0].projected.sources[0].configMap.items", "must be a list of objects"),
     ]
 
 
-def test_null_is_absent_and_a_boolean_is_not_a_number() -> None:
+def test_a_null_field_is_absent_but_a_null_item_or_value_is_of_the_wrong_type() -> None:
     assert list(shapes.problems({"spec": None, "metadata": {"labels": None}}, shapes.POD)) == []
+    assert list(shapes.problems({"spec": {"initContainers": [None]}}, shapes.POD)) == [
+        ("spec.initContainers[0]", "must be an object")
+    ]
+    assert list(shapes.problems({"metadata": {"annotations": {"a": None}}}, shapes.POD)) == [
+        ("metadata.annotations['a']", "must be a string")
+    ]
+
+
+def test_a_boolean_is_not_a_number() -> None:
     assert list(shapes.problems({"spec": {"securityContext": {"runAsUser": True}}}, shapes.POD)) == [
         ("spec.securityContext.runAsUser", "must be an integer")
     ]
