@@ -182,8 +182,7 @@ def _not_for_stepcache(request: Mapping[str, Any]) -> str | None:
 
 def _unreadable_by_kopf(pod: Mapping[str, Any]) -> str | None:
     """What kopf itself cannot read in the object (it reads `metadata` before any handler runs), or None."""
-    metadata = pod.get("metadata")
-    if metadata is not None and not isinstance(metadata, Mapping):
+    if "metadata" in pod and not isinstance(pod["metadata"], Mapping):  # null too: kopf reads it as an object
         return "metadata must be an object"
     return None
 

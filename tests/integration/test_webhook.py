@@ -412,7 +412,7 @@ async def test_a_pod_of_a_shape_no_api_server_sends_is_admitted_unchanged_with_a
 
     assert response["allowed"] is True
     assert "patch" not in response
-    assert response["warnings"] == ["stepcache: spec.containers must be a list; the pod runs uncached"]
+    assert response["warnings"] == ["stepcache: spec.containers must be a list of objects; the pod runs uncached"]
 
 
 # --- bodies that are not what the API server sends -------------------------------------------------------------------
@@ -509,7 +509,7 @@ async def test_a_review_that_is_not_a_pod_create_is_allowed_unchanged_with_a_war
     assert response["warnings"] == [f"stepcache: {warning}; admitted unchanged"]
 
 
-@pytest.mark.parametrize("metadata", ["x", ["a"], 3])
+@pytest.mark.parametrize("metadata", ["x", ["a"], 3, None])
 async def test_a_pod_whose_metadata_is_not_an_object_is_allowed_with_a_warning_naming_it(
     operator: harness.Operator, client: aiohttp.ClientSession, metadata: Any
 ) -> None:
