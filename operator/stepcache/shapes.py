@@ -65,19 +65,25 @@ QUANTITY = _Scalar("a quantity (a string or a number)", str, int, float)
 
 
 class Object(Shape):
-    """A JSON object whose listed fields have the given shapes (when present); other fields are not checked."""
+    """A JSON object whose listed fields have the given shapes (when present: `required` ones must be); other fields
+    are not checked."""
 
     what = "an object"
 
-    def __init__(self, fields: Mapping[str, Shape] | None = None) -> None:
+    def __init__(self, fields: Mapping[str, Shape] | None = None, *, required: tuple[str, ...] = ()) -> None:
         self.fields = dict(fields or {})
+        self.required = required
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, Mapping)
 
     def inner(self, value: Any, at: str) -> Iterator[tuple[str, str]]:
         for name, shape in self.fields.items():
-            yield from _check(value.get(name), shape, f"{at}.{name}" if at else name)
+            where = f"{at}.{name}" if at else name
+            if name in self.required and value.get(name) is None:
+                yield where, "is required"
+            else:
+                yield from _check(value.get(name), shape, where)
 
 
 class MapOf(Shape):
@@ -97,16 +103,19 @@ class MapOf(Shape):
 
 
 class ListOf(Shape):
-    """A JSON array whose every item has one shape."""
+    """A JSON array whose every item has one shape (and, with `at_least`, that many items)."""
 
-    def __init__(self, items: Shape) -> None:
+    def __init__(self, items: Shape, *, at_least: int = 0) -> None:
         self.items = items
+        self.at_least = at_least
         self.what = f"a list of {_PLURALS.get(items.what, 'values')}"
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, list)
 
     def inner(self, value: Any, at: str) -> Iterator[tuple[str, str]]:
+        if len(value) < self.at_least:
+            yield at, f"must hold at least {self.at_least}"
         for index, item in enumerate(value):
             yield from _check(item, self.items, f"{at}[{index}]", absent=False)
 
@@ -251,14 +260,15 @@ POD = Object(
                 "resources": _RESOURCES,
                 "securityContext": Object({**_SECURITY, "sysctls": ListOf(Object({"name": STRING, "value": STRING}))}),
                 "initContainers": ListOf(_CONTAINER),
-                "containers": ListOf(_CONTAINER),
+                "containers": ListOf(_CONTAINER, at_least=1),
                 "ephemeralContainers": ListOf(_CONTAINER),
                 "volumes": ListOf(_VOLUME),
-            }
+            },
+            required=("containers",),
         ),
     }
 )
-"""The Pod fields stepcache reads, with the types of the Kubernetes Pod schema."""
+"""The Pod fields stepcache reads, with the types of the Kubernetes Pod schema (which requires a container)."""
 
 ARGO_OUTPUTS = Object({"parameters": ListOf(Object({"name": STRING, "valueFrom": Object({"path": STRING})}))})
 """An Argo template's (or a WorkflowTaskResult's) `outputs`, as Argo's schema types them."""

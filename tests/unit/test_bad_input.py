@@ -271,6 +271,14 @@ POD_CASES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
         lambda: annotated(job(), "stepcache.dev/key", None),
         "metadata.annotations['stepcache.dev/key'] must be a string",
     ),
+    "no containers, only init containers (found by the fuzzer)": (
+        lambda: set_in(job(), "spec", {k: v for k, v in job()["spec"].items() if k != "containers"}),
+        "spec.containers is required",
+    ),
+    "an empty list of containers": (
+        lambda: set_in(job(), "spec.containers", []),
+        "spec.containers must hold at least 1",
+    ),
     "a node selector a list": (
         lambda: set_in(job(), "spec.nodeSelector", ["gpu"]),
         "spec.nodeSelector must be an object",

@@ -75,7 +75,7 @@ def test_problems_name_each_misfit_field_by_its_path() -> None:
 
 def test_a_null_field_is_absent_but_a_null_item_or_value_is_of_the_wrong_type() -> None:
     assert list(shapes.problems({"spec": None, "metadata": {"labels": None}}, shapes.POD)) == []
-    assert list(shapes.problems({"spec": {"initContainers": [None]}}, shapes.POD)) == [
+    assert list(shapes.problems({"spec": {"initContainers": [None], "containers": [{}]}}, shapes.POD)) == [
         ("spec.initContainers[0]", "must be an object")
     ]
     assert list(shapes.problems({"metadata": {"annotations": {"a": None}}}, shapes.POD)) == [
@@ -84,6 +84,15 @@ def test_a_null_field_is_absent_but_a_null_item_or_value_is_of_the_wrong_type() 
 
 
 def test_a_boolean_is_not_a_number() -> None:
-    assert list(shapes.problems({"spec": {"securityContext": {"runAsUser": True}}}, shapes.POD)) == [
-        ("spec.securityContext.runAsUser", "must be an integer")
+    assert list(
+        shapes.problems({"spec": {"securityContext": {"runAsUser": True}, "containers": [{}]}}, shapes.POD)
+    ) == [("spec.securityContext.runAsUser", "must be an integer")]
+
+
+def test_a_pod_spec_holds_a_container() -> None:
+    assert list(shapes.problems({"spec": {"restartPolicy": "Never"}}, shapes.POD)) == [
+        ("spec.containers", "is required")
+    ]
+    assert list(shapes.problems({"spec": {"containers": []}}, shapes.POD)) == [
+        ("spec.containers", "must hold at least 1")
     ]
