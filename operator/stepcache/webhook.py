@@ -9,8 +9,9 @@ first; what passes goes to kopf's admission handler path exactly as before:
 - A body is read up to `MAX_REVIEW_BYTES`, then parsed with its nesting bounded: past either bound, or not JSON,
   the answer is 413 or 400 with the reason.
 - An envelope that is not an AdmissionReview as kube-apiserver writes it (`envelope_problem`) is answered 400.
-- A well-formed review stepcache has nothing to do with (not a pod CREATE) is allowed unchanged, with a warning;
-  so is a pod whose `metadata` is not an object (kopf reads it before any handler), as admission would answer.
+- A well-formed review stepcache has nothing to do with (not a pod CREATE) is allowed unchanged, with a warning.
+  A pod of a shape no API server sends (`shapes.POD`) is answered here as admission answers it (uncached, with its
+  author's stepcache names removed): kopf reads parts of it before any handler runs and fails on some.
 - Whatever kopf then does, the answer allows the pod: an exception, or a denial (stepcache's handler never raises,
   so only kopf's own code could deny), becomes `allowed: true` with the user-written stepcache names removed.
 """
@@ -64,29 +65,35 @@ class WebhookServer(kopf.WebhookServer):
             metrics.ADMISSION_FAILURES.labels(reason=f"http-{exc.status}").inc()
             log.warning("review_refused", status=exc.status, reason=exc.reason)
             return aiohttp.web.Response(status=exc.status, text=exc.reason)
-        unhandled = _not_for_stepcache(review["request"])
-        if unhandled is not None:
-            return aiohttp.web.json_response(_allowed(review, warnings=[f"{_PREFIX}{unhandled}; admitted unchanged"]))
-        unreadable = _unreadable_by_kopf(review["request"]["object"])
-        if unreadable is not None:
-            # What admission answers for any pod of the wrong shape; with no metadata map, no name to remove.
-            metrics.ADMISSIONS.labels(outcome="uncacheable").inc()
-            warning = f"{_PREFIX}{unreadable}; the pod runs uncached"
-            return aiohttp.web.json_response(_allowed(review, warnings=[warning]))
-        sslpeer = request.transport.get_extra_info("peercert") if request.transport else None
         try:
-            response = await fn(
-                review,
-                webhook=request.match_info.get("id"),
-                sslpeer=sslpeer,
-                headers=dict(request.headers),
-            )
+            answer = await _answer(fn, request, review)
         except Exception as exc:
-            return aiohttp.web.json_response(_failed_open(review, error=exc))
-        if response.get("response", {}).get("allowed") is not True:
-            status = response.get("response", {}).get("status")
-            return aiohttp.web.json_response(_failed_open(review, error=RuntimeError(f"denied by kopf: {status}")))
-        return aiohttp.web.json_response(response)
+            answer = _failed_open(review, error=exc)
+        return aiohttp.web.json_response(answer)
+
+
+async def _answer(fn: kopf.WebhookFn, request: aiohttp.web.Request, review: Any) -> dict[str, Any]:
+    """The answer to a review `envelope_problem` accepted: stepcache's own for what kopf need not (or cannot) see,
+    else kopf's."""
+    unhandled = _not_for_stepcache(review["request"])
+    if unhandled is not None:
+        return _allowed(review, warnings=[f"{_PREFIX}{unhandled}; admitted unchanged"])
+    pod = review["request"]["object"]
+    malformed = _malformed(pod)
+    if malformed is not None:
+        # What admission answers for any pod of the wrong shape: uncached, user-written stepcache names removed.
+        metrics.ADMISSION_FAILURES.labels(reason="malformed-pod").inc()
+        metrics.ADMISSIONS.labels(outcome="uncacheable").inc()
+        warning = f"{_PREFIX}{malformed}; the pod runs uncached"
+        return _allowed(review, warnings=[warning], ops=patches.json_patch(pod, mutation.skip_patch(pod)))
+    sslpeer = request.transport.get_extra_info("peercert") if request.transport else None
+    response: dict[str, Any] = dict(
+        await fn(review, webhook=request.match_info.get("id"), sslpeer=sslpeer, headers=dict(request.headers))
+    )
+    if response.get("response", {}).get("allowed") is not True:
+        # stepcache's handler never raises, so only kopf's own code can have denied the pod.
+        raise RuntimeError(f"denied by kopf: {response.get('response', {}).get('status')}")
+    return response
 
 
 async def _read(request: aiohttp.web.Request) -> bytes:
@@ -180,10 +187,16 @@ def _not_for_stepcache(request: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _unreadable_by_kopf(pod: Mapping[str, Any]) -> str | None:
-    """What kopf itself cannot read in the object (it reads `metadata` before any handler runs), or None."""
-    if "metadata" in pod and not isinstance(pod["metadata"], Mapping):  # null too: kopf reads it as an object
+def _malformed(pod: Mapping[str, Any]) -> str | None:
+    """The first field of the pod whose JSON type is not the Pod schema's (`shapes.POD`), with why; None if none.
+
+    kopf reads parts of the object (metadata, uid, name) before any handler runs, and fails on some shapes no API
+    server sends (`metadata: null`, a uid that is a list); admission would answer any misfit the same way.
+    """
+    if "metadata" in pod and pod["metadata"] is None:  # absent to the Pod schema, but kopf reads it as an object
         return "metadata must be an object"
+    for field, reason in shapes.problems(pod, shapes.POD):
+        return f"{field} {reason}"
     return None
 
 

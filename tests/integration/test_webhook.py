@@ -509,9 +509,18 @@ async def test_a_review_that_is_not_a_pod_create_is_allowed_unchanged_with_a_war
     assert response["warnings"] == [f"stepcache: {warning}; admitted unchanged"]
 
 
-@pytest.mark.parametrize("metadata", ["x", ["a"], 3, None])
-async def test_a_pod_whose_metadata_is_not_an_object_is_allowed_with_a_warning_naming_it(
-    operator: harness.Operator, client: aiohttp.ClientSession, metadata: Any
+@pytest.mark.parametrize(
+    ("metadata", "warning"),
+    [
+        ("x", "metadata must be an object"),
+        (["a"], "metadata must be an object"),
+        (None, "metadata must be an object"),
+        ({"name": "a", "uid": [None]}, "metadata.uid must be a string"),
+        ({"name": {"a": 1}}, "metadata.name must be a string"),
+    ],
+)
+async def test_a_pod_whose_metadata_kopf_cannot_read_is_allowed_with_a_warning_naming_the_field(
+    operator: harness.Operator, client: aiohttp.ClientSession, metadata: Any, warning: str
 ) -> None:
     request = harness.admission_request(load_pod())
     request["object"]["metadata"] = metadata
@@ -520,7 +529,21 @@ async def test_a_pod_whose_metadata_is_not_an_object_is_allowed_with_a_warning_n
 
     assert response["allowed"] is True
     assert "patch" not in response
-    assert response["warnings"] == ["stepcache: metadata must be an object; the pod runs uncached"]
+    assert response["warnings"] == [f"stepcache: {warning}; the pod runs uncached"]
+
+
+async def test_a_pod_of_the_wrong_shape_still_loses_the_stepcache_names_its_author_wrote(
+    operator: harness.Operator, client: aiohttp.ClientSession
+) -> None:
+    pod = load_pod()
+    pod["metadata"]["uid"] = ["not", "a", "string"]
+    pod["metadata"]["labels"][mutation.HIT] = "true"
+
+    response = await harness.review(client, operator, harness.admission_request(pod))
+
+    assert response["allowed"] is True
+    assert harness.patched(pod, response) == without_stepcache_names(pod)
+    assert response["warnings"] == ["stepcache: metadata.uid must be a string; the pod runs uncached"]
 
 
 async def test_a_pod_over_aiohttps_default_1_mib_is_keyed(
