@@ -161,6 +161,14 @@ class TempPostgres:
         self.thaw()
         self._pg_ctl("stop", "-w", "-t", "60", "-m", "fast")
 
+    def crash(self) -> None:
+        """Stop the server as a crash would: every server process quits at once, open sessions are cut and nothing
+        is checkpointed (`pg_ctl stop -m immediate`). `start()` recovers from the log, with the same data and port."""
+        if not self.running:
+            return
+        self.thaw()
+        self._pg_ctl("stop", "-w", "-t", "60", "-m", "immediate")
+
     def freeze(self) -> None:
         """SIGSTOP every server process: connections stay open but nothing answers (a hung or partitioned server)."""
         self._signal_server(signal.SIGSTOP)
