@@ -138,6 +138,8 @@ async def one_run(
             f"{'at ' + format(rate, 'g') + '/s' if rate else 'as fast as 16 workers go'}"
         )
         flow_before = await flow_control(api)
+        cpu_pids = _cpu_pids(st)
+        cpu_before = {name: common.cpu_seconds(pids) for name, pids in cpu_pids.items()}
         started = time.time()
         if rate:
             tasks = []
@@ -154,6 +156,9 @@ async def one_run(
         except TimeoutError:
             errors.append(f"{count - len(labelled)} pods not labelled within {_TIMEOUT:g} s")
         watcher.cancel()
+        # The CacheEntry objects are written after the labels now: their CPU counts too.
+        mirrored = await _wait_mirrored(api, namespace, count)
+        cpu = {name: common.cpu_seconds(pids) - cpu_before[name] for name, pids in cpu_pids.items()}
         flow = flow_control_since(flow_before, await flow_control(api))
         rows = await _rows(st.db.url, namespace)
     finally:
@@ -174,6 +179,8 @@ async def one_run(
         "label_lag_ms": common.summarize(label_lags),
         "stages_ms": stages,
         "flow_control": flow,
+        "cacheentries": mirrored,
+        "cpu_ms_per_pod": {name: round(seconds / count * 1000, 2) for name, seconds in cpu.items()},
         "watch_relists": len(watch_restarts),
         "errors": len(errors) + (count - len(rows)),
         "error_samples": errors[:5],
@@ -222,6 +229,34 @@ def _stages(
         if uid in labelled:
             stages["label_to_seen"].append((labelled[uid] - received) * 1000 - spent)
     return {name: common.summarize(values) for name, values in stages.items() if values}
+
+
+def _cpu_pids(st: stage.Stage) -> dict[str, list[int]]:
+    """The processes whose CPU time a recording costs: the operator, Postgres (every backend), kube-apiserver and
+    etcd."""
+    assert st.operator is not None
+    control_plane = []
+    for pid in common.descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() in ("kube-apiserver", "etcd"):
+                control_plane.append(pid)
+    return {
+        "operator": common.descendants(stage.pid_of(st.operator)),
+        "postgres": common.descendants(st.postmaster_pid),
+        "apiserver+etcd": control_plane,
+    }
+
+
+async def _wait_mirrored(api: pods.Api, namespace: str, count: int, *, within: float = 120.0) -> int:
+    """Wait until the namespace holds a CacheEntry per pod (for `within` seconds at most); return how many."""
+    url = f"{api.server}/apis/stepcache.dev/v1alpha1/namespaces/{namespace}/cacheentries"
+    deadline = time.monotonic() + within
+    while True:
+        async with api.session.get(url) as response:
+            found = len(json.loads(await response.read()).get("items") or [])
+        if found >= count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
 
 
 async def flow_control(api: pods.Api) -> dict[str, dict[str, float]]:

@@ -171,6 +171,20 @@ def recorder_table(data: dict[str, Any]) -> str:
                 for n in names
             ]
             lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
+    costs = [run for run in report["runs"] if run.get("cpu_ms_per_pod")]
+    if costs:
+        names = list(costs[0]["cpu_ms_per_pod"])
+        lines += [
+            "",
+            "CPU time per recorded pod (ms; from the first status PATCH until every pod is labelled and has its"
+            " CacheEntry):",
+            "",
+            "| run | " + " | ".join(names) + " | CacheEntries |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for run in costs:
+            cells = [f"{run['cpu_ms_per_pod'][name]:.2f}" for name in names]
+            lines.append(f"| {run['name']} | " + " | ".join(cells) + f" | {run.get('cacheentries', '–')} |")
     flows = [run for run in report["runs"] if run.get("flow_control")]
     if flows:
         lines += [
