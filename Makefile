@@ -55,8 +55,9 @@ seeded: deps system-deps
 test: deps control-plane argo lint seeded
 	$(VENV)/bin/pytest tests -q -p no:cacheprovider
 
-demo: deps control-plane
-	$(PY) -m hack.demo $(DEMO_ARGS)
+# `make demo DEMO=argo`: the same story with an Argo Workflow (builds Argo on first use).
+demo: deps control-plane $(if $(filter argo,$(DEMO)),argo)
+	$(PY) -m hack.demo $(if $(filter argo,$(DEMO)),--argo) $(DEMO_ARGS)
 
 bench: deps control-plane
 	$(PY) -m bench $(BENCH_ARGS)

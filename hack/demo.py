@@ -5,6 +5,10 @@ examples/pipeline.yaml twice in an opted-in namespace and prints, per step, how 
 was served from cache and whether both produced the same output; then the cache as kubectl shows it (`kubectl get ce`)
 and the CacheHit Events on the served pods. Then it shuts everything down, or with --keep leaves it running and prints
 the KUBECONFIG to use.
+
+With --argo (`make demo DEMO=argo`) the same story runs with Argo Workflows v4.0.5 (built from Go modules on first
+use) and an S3 artifact repository: examples/argo-workflow.yaml, whose steps pass an output parameter, a `result` and
+an output artifact, run twice; the table compares every output, the artifact's bytes included.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from hack.cluster import argo as argo_harness
 from hack.cluster import controlplane, postgres
 from hack.cluster import kubelet as process_kubelet
 from hack.cluster import operator as operator_harness
@@ -29,11 +34,13 @@ NAMESPACE = "pipelines"
 NODE = "demo-node"
 IMAGE = "busybox:1.36.1"
 PIPELINE = controlplane.REPO / "examples" / "pipeline.yaml"
+WORKFLOW = controlplane.REPO / "examples" / "argo-workflow.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave everything running; print the KUBECONFIG")
+    parser.add_argument("--argo", action="store_true", help="run the Argo Workflows story (builds Argo on first use)")
     args = parser.parse_args(argv)
     # SIGTERM (a supervisor, `kill`) stops everything the way Ctrl-C does: through the `finally` below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -45,13 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     db = postgres.TempPostgres(work / "postgres")
     kubelet: process_kubelet.KubeletProcess | None = None
     operator: operator_harness.OperatorProcess | None = None
+    stack = contextlib.ExitStack()
     try:
+        image_bins = []
+        if args.argo:
+            say("argo: building or reusing workflow-controller and argoexec v4.0.5")
+            image_bins.append(argo_harness.bin_dir())
         cp.start()
         say(f"control plane: up at {cp.server}")
         db.start()
         say(f"postgres: up at {db.url}")
         kubelet = process_kubelet.KubeletProcess(
-            kubeconfig=cp.kubeconfig, node=NODE, logs_dir=work / "pods", log_file=work / "kubelet.log"
+            kubeconfig=cp.kubeconfig,
+            node=NODE,
+            logs_dir=work / "pods",
+            log_file=work / "kubelet.log",
+            image_bins=image_bins,
         )
         kubelet.start()
         wait_schedulable(cp, kubelet, NODE)
@@ -66,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         cp.create_namespace(NAMESPACE, labels={"stepcache.dev/enabled": "true"})
         wait_opted_in(cp)
 
-        steps = yaml.safe_load(PIPELINE.read_text())["steps"]
-        say("run 1 (nothing cached yet)")
-        first = run_pipeline(cp, steps, run=1)
-        for step in first:
-            wait_recorded(cp, step["pod"])
-        say("run 2 (same pipeline, new Jobs)")
-        second = run_pipeline(cp, steps, run=2)
+        if args.argo:
+            first, second = argo_story(cp, stack, work)
+        else:
+            steps = yaml.safe_load(PIPELINE.read_text())["steps"]
+            say("run 1 (nothing cached yet)")
+            first = run_pipeline(cp, steps, run=1)
+            for step in first:
+                wait_recorded(cp, step["pod"])
+            say("run 2 (same pipeline, new Jobs)")
+            second = run_pipeline(cp, steps, run=2)
 
         print()
         print_table(first, second)
@@ -95,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                     signal.pause()
         return 0 if all(s["hit"] and s["equal"] for s in compare(first, second)) else 1
     finally:
+        stack.close()
         if operator is not None:
             operator.stop()
         if kubelet is not None:
@@ -194,6 +214,63 @@ def run_pipeline(cp: controlplane.ControlPlane, steps: list[dict[str, Any]], *, 
             {"step": step["name"], "seconds": seconds, "output": value, "hit": hit, "pod": pod["metadata"]["name"]}
         )
     return results
+
+
+def argo_story(
+    cp: controlplane.ControlPlane, stack: contextlib.ExitStack, work: pathlib.Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Argo's CRDs, an S3 bucket and the workflow-controller; then the example Workflow twice."""
+    argo_harness.install_crds(cp)
+    s3 = stack.enter_context(argo_harness.S3Server())
+    controller = stack.enter_context(
+        argo_harness.WorkflowController(
+            cp, artifact_repository=s3.repository(), log_file=work / "workflow-controller.log"
+        )
+    )
+    argo = argo_harness.ArgoCluster(cp, controller, s3)
+    argo.prepare_namespace(NAMESPACE)
+    say(f"argo: workflow-controller running, artifacts in {s3.url}")
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    runs = []
+    for run in (1, 2):
+        say(f"run {run}" + (" (nothing cached yet)" if run == 1 else " (same Workflow, submitted again)"))
+        done = argo.run(NAMESPACE, workflow, timeout=180)
+        if done["status"]["phase"] != "Succeeded":
+            raise RuntimeError(f"workflow {done['metadata']['name']}: {done['status'].get('message')}")
+        steps = [argo_step(argo, done, name) for name in ("produce", "consume")]
+        for step in steps:
+            say(f"  {step['step']}: {step['seconds']:.1f} s{' (from cache)' if step['hit'] else ''} -> {step['shown']}")
+            if run == 1:
+                wait_recorded(cp, step["pod"])
+        runs.append(steps)
+    return runs[0], runs[1]
+
+
+def argo_step(argo: argo_harness.ArgoCluster, workflow: dict[str, Any], name: str) -> dict[str, Any]:
+    """One step's time, whether it was served, and its outputs: parameters, `result`, and artifacts' file contents."""
+    node = argo.node(workflow, name)
+    pod = argo.pod_of(workflow, name)
+    outputs = node.get("outputs", {})
+    artifacts = {
+        artifact["name"]: argo_harness.extract_tgz(argo.s3.get(artifact["s3"]["key"]))
+        for artifact in outputs.get("artifacts", [])
+        if "s3" in artifact
+    }
+    parameters = {p["name"]: p["value"] for p in outputs.get("parameters", [])}
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    seconds = time.mktime(time.strptime(node["finishedAt"], fmt)) - time.mktime(time.strptime(node["startedAt"], fmt))
+    shown = ", ".join(f"{k}={v!r}" for k, v in parameters.items())
+    if artifacts:
+        sizes = [f"{n} ({sum(len(b) for b in files.values())} bytes)" for n, files in artifacts.items()]
+        shown += ", artifact " + ", ".join(sizes)
+    return {
+        "step": name,
+        "seconds": seconds,
+        "hit": pod["metadata"].get("labels", {}).get("stepcache.dev/hit") == "true",
+        "output": {"parameters": parameters, "result": outputs.get("result"), "artifacts": artifacts},
+        "shown": shown,
+        "pod": pod["metadata"]["name"],
+    }
 
 
 def wait_recorded(cp: controlplane.ControlPlane, pod: str) -> None:

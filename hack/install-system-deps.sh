@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and the demo need, only when missing: PostgreSQL server binaries,
-# and bubblewrap (the process kubelet). Go itself comes with the machine (hack/cluster/build.sh checks for it).
+# bubblewrap (the process kubelet) and busybox (the replay image's tools, which the replay scripts' tests run on).
+# Go itself comes with the machine (hack/cluster/build.sh checks for it).
 set -euo pipefail
 missing=()
 have_postgres() {
@@ -9,6 +10,7 @@ have_postgres() {
 have_postgres || missing+=(postgresql)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+command -v busybox >/dev/null 2>&1 || missing+=(busybox)  # the replay image's tools, for the replay script's tests
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "install-system-deps: missing ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}" >&2

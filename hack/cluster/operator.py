@@ -40,9 +40,10 @@ production defaults)."""
 
 
 def install_manifests(cp: controlplane.ControlPlane) -> None:
-    """Apply the CRD, namespace and RBAC exactly as shipped (the Deployment and Service need an image; not here)."""
+    """Apply the CRD, namespace and RBAC exactly as shipped, with the optional read access to Argo's artifact
+    repository Secret (the Deployment and Service need an image; not here)."""
     cp.kubectl("apply", "-f", str(CRDS / "cacheentry.yaml"))
-    for name in ("00-namespace.yaml", "10-rbac.yaml"):
+    for name in ("00-namespace.yaml", "10-rbac.yaml", "optional/argo-artifacts-rbac.yaml"):
         cp.kubectl("apply", "-f", str(MANIFESTS / name))
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/cacheentries.stepcache.dev")
     cp.wait_for_service_account(NAMESPACE, SERVICE_ACCOUNT)
@@ -73,7 +74,7 @@ class OperatorProcess:
         self._api_server = api_server
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file = workdir / "operator.log"
-        self.webhook_port, self.metrics_port, self.health_port = ports.free_ports(3)
+        self.webhook_port, self.metrics_port, self.health_port, self.blob_port = ports.free_ports(4)
         workdir.mkdir(parents=True, exist_ok=True)
         if replica_of is not None:
             self.ca_pem = replica_of.ca_pem
@@ -117,6 +118,9 @@ class OperatorProcess:
             "STEPCACHE_WEBHOOK_KEY_FILE": str(self.key_file),
             "STEPCACHE_METRICS_PORT": str(self.metrics_port),
             "STEPCACHE_HEALTH_PORT": str(self.health_port),
+            # Pods of the process kubelet run on this host: they reach the blob endpoint on loopback.
+            "STEPCACHE_BLOB_PORT": str(self.blob_port),
+            "STEPCACHE_BLOB_ENDPOINT": f"http://127.0.0.1:{self.blob_port}",
             "STEPCACHE_LOG_FORMAT": "json",
             "STEPCACHE_CACHE_IMAGE": "busybox:1.36.1",
             **self._extra_env,

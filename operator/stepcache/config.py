@@ -21,6 +21,8 @@ LogFormat = Literal["json", "console"]
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_MAX_INLINE = 64 * 1024
+"""Inline artifacts make the pod object larger; the API server stores objects of at most 1.5 MiB."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,18 @@ class Settings:
     """Seconds between full comparisons of CacheEntry objects with the rows (Postgres wins)."""
     status_interval: float = 5.0
     """Seconds between CacheEntry status writes: a hot entry's object is written at most once per interval."""
+    artifact_max_bytes: int = 64 * 1024 * 1024
+    """Cap on the output artifacts one entry stores, in all; above it the step is recorded as not replayable."""
+    artifact_inline_bytes: int = 16 * 1024
+    """Artifacts up to this size travel to a replay inline in its pod spec; larger ones are fetched."""
+    blob_port: int = 8082
+    """The blob endpoint replays fetch artifacts from; 0 disables it."""
+    blob_endpoint: str = ""
+    """The blob endpoint's URL as pods reach it (a Service); empty: only inline artifacts can be replayed."""
+    blob_url_ttl: float = 3600.0
+    """Seconds a signed blob URL stays good after admission."""
+    blob_pool_size: int = 4
+    """Database connections for blob transfers, apart from the webhook's pool."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -115,6 +129,16 @@ class Settings:
             db_pool_size=env.integer("STEPCACHE_DB_POOL_SIZE", defaults.db_pool_size, minimum=1, maximum=100),
             resync_interval=float(env.integer("STEPCACHE_RESYNC_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)),
             expiry_interval=float(env.integer("STEPCACHE_EXPIRY_INTERVAL_SECONDS", 300, minimum=1, maximum=86_400)),
+            artifact_max_bytes=env.integer(
+                "STEPCACHE_ARTIFACT_MAX_BYTES", defaults.artifact_max_bytes, minimum=0, maximum=1024**3
+            ),
+            artifact_inline_bytes=env.integer(
+                "STEPCACHE_ARTIFACT_INLINE_BYTES", defaults.artifact_inline_bytes, minimum=0, maximum=_MAX_INLINE
+            ),
+            blob_port=env.integer("STEPCACHE_BLOB_PORT", defaults.blob_port, minimum=0, maximum=65535),
+            blob_endpoint=env.url("STEPCACHE_BLOB_ENDPOINT", defaults.blob_endpoint),
+            blob_url_ttl=float(env.integer("STEPCACHE_BLOB_URL_TTL_SECONDS", 3600, minimum=60, maximum=7 * 86_400)),
+            blob_pool_size=env.integer("STEPCACHE_BLOB_POOL_SIZE", defaults.blob_pool_size, minimum=2, maximum=64),
             gc_unused_after=unused_after,
             reconcile_interval=float(
                 env.integer("STEPCACHE_RECONCILE_INTERVAL_SECONDS", 60, minimum=1, maximum=86_400)
@@ -137,6 +161,12 @@ class _Env:
         if not value:
             raise errors.InvalidSetting(name, "must not be empty")
         return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.environ.get(name, default).strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise errors.InvalidSetting(name, f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.environ.get(name)

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Literal
 
-from stepcache import argo, errors, references
+from stepcache import argo, artifacts, errors, references
 
 __all__ = [
     "CONDITIONS",
@@ -384,6 +384,7 @@ def compute(
     options: KeyOptions,
     references: references.References,
     containers: Sequence[str] | None = None,
+    provenance: artifacts.Provenance = artifacts.UNKNOWN,
 ) -> Key:
     """The pod's key over `containers` (default: all of them, see `key_containers`).
 
@@ -395,6 +396,9 @@ def compute(
     given twice or an empty selection; a referenced ConfigMap (or, with `key_secret_content`, Secret) the view does
     not know, optional or not; an Argo template that cannot be read (offloaded, or differing between containers) or
     that has neither a container nor a script; Argo args offloaded to a ConfigMap.
+
+    `provenance` tells what the locations of Argo input artifacts hold: a known one is keyed by that content
+    (`artifacts.keyed_inputs`), since every run uploads under new keys.
     """
     spec = pod.get("spec") or {}
     init_by_name = {c.get("name"): c for c in spec.get("initContainers") or []}
@@ -430,7 +434,7 @@ def compute(
     material["containers"] = [keyer.container(c, node=_CONTAINER) for c in main]
     material["volumes"] = keyer.volumes(mounted_by=[*init, *main, *(spec.get("ephemeralContainers") or [])])
     if tmpl is not None:
-        material["argo"] = _argo_material(tmpl)
+        material["argo"] = _argo_material(tmpl, provenance=provenance)
 
     unresolved = isinstance(references, _UNRESOLVED)
     if unresolved:
@@ -453,22 +457,27 @@ _UNRESOLVED = references.Unresolved
 """The module under another name: inside `compute`, `references` is the parameter."""
 
 
-def _argo_material(tmpl: Mapping[str, Any]) -> dict[str, Any]:
-    """What only the template shows: `inputs` (parameters on Argo < 3.6; input artifacts as written, location
-    included, since another location may hold other bytes), `outputs` (they decide what an entry holds), and a
-    script's `source` (argoexec stages it from the template)."""
+def _argo_material(tmpl: Mapping[str, Any], *, provenance: artifacts.Provenance) -> dict[str, Any]:
+    """What only the template shows: `inputs` (parameters on Argo < 3.6; input artifacts by the content their
+    location is known to hold, else as written, location included, since another location may hold other bytes),
+    `outputs` (they decide what an entry holds), and a script's `source` (argoexec stages it from the template)."""
     has_container = isinstance(tmpl.get("container"), Mapping)
     script = tmpl.get("script")
     if not has_container and not isinstance(script, Mapping):
         # Resource, data and containerSet steps: the first acts on the cluster, none is replayed by `main` alone.
         raise errors.Uncacheable("the Argo template has neither a container nor a script")
     shaped: dict[str, Any] = {
-        "inputs": _or_empty(_walk(tmpl.get("inputs"), None), {}),
+        "inputs": _or_empty(_walk(_keyed_inputs(tmpl, provenance=provenance), None), {}),
         "outputs": _or_empty(_walk(tmpl.get("outputs"), None), {}),
     }
     if isinstance(script, Mapping):
         shaped["script"] = {"source": str(script.get("source") or "")}
     return shaped
+
+
+def _keyed_inputs(tmpl: Mapping[str, Any], *, provenance: artifacts.Provenance) -> Any:
+    inputs = tmpl.get("inputs")
+    return artifacts.keyed_inputs(tmpl, provenance=provenance) if isinstance(inputs, Mapping) else inputs
 
 
 # --- the per-pod keyer -------------------------------------------------------------------------------------------

@@ -151,6 +151,18 @@ class Kube:
             raise
         return result
 
+    async def secret_value(self, *, namespace: str, name: str, key: str) -> bytes | None:
+        """One decoded value of a Secret (Argo's artifact repository credentials), or None when the Secret or the key
+        does not exist; a 403 (the operator may read only the Secret names its RBAC lists) propagates."""
+        try:
+            secret = await self._core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        encoded = (secret.data or {}).get(key)
+        return None if encoded is None else base64.b64decode(encoded)
+
     async def signing_key(self, *, namespace: str) -> bytes:
         """Read the shared signing key, creating it if missing; replicas racing to create end up with one key."""
         existing = await self._read_signing_secret(namespace)

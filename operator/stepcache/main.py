@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -16,6 +17,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from stepcache import (
     admission,
+    artifacts,
+    blobs,
+    blobserver,
     cacheentry,
     config,
     entries,
@@ -153,6 +157,13 @@ async def build_runtime(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
     log.info("database_ready", migrations_applied=applied)
+    try:
+        blob_store = await blobs.BlobStore.connect(
+            settings.database_url, timeout=settings.db_timeout, pool_size=settings.blob_pool_size
+        )
+    except BaseException:
+        await cache.close()
+        raise
     cacheentries = mirror.Mirror(settings, store=cache, entries=entries.Entries(kube_api.api_client))
     # Primed here so the webhook, which kopf serves only after startup, never sees an empty set at first;
     # the namespace watch keeps it current from then on.
@@ -177,6 +188,8 @@ async def build_runtime(
         replay_options=mutation.ReplayOptions(
             cache_image=settings.cache_image, keep_node_constraints=settings.keep_node_constraints
         ),
+        blobs=blob_store,
+        url_key=artifacts.url_key(signing_key),
         references=view,
         mirror=cacheentries,
     )
@@ -246,7 +259,17 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             asyncio.create_task(view.hit_events_forever(), name="stepcache-hit-events"),
             asyncio.create_task(view.recorded_forever(), name="stepcache-cacheentry-recorded"),
             asyncio.create_task(_resync_forever(rt, rec), name="stepcache-resync"),
+            asyncio.create_task(_collect_blobs_forever(rt), name="stepcache-blob-collector"),
         ]
+        if stepcache_settings.blob_port and rt.blobs is not None:
+            server = blobserver.BlobServer(
+                blob_store=rt.blobs,
+                url_key=rt.url_key,
+                host=stepcache_settings.webhook_host,
+                port=stepcache_settings.blob_port,
+            )
+            await server.start()
+            memo["blob_server"] = server
         metrics.start_server(stepcache_settings.metrics_port)
         log.info("operator_started", webhook_port=stepcache_settings.webhook_port, scope=stepcache_settings.scope)
 
@@ -256,8 +279,13 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        server: blobserver.BlobServer | None = memo.get("blob_server")
+        if server is not None:
+            await server.stop()
         rt: runtime.Runtime | None = memo.get("runtime")
         if rt is not None:
+            if rt.blobs is not None:
+                await rt.blobs.close()
             await rt.store.close()
             await rt.kube.close()
 
@@ -352,6 +380,29 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
                 )
 
     return registry
+
+
+_BLOB_GRACE = datetime.timedelta(hours=1)
+"""A blob no entry refers to is kept this long: a recording stores its blobs before its row."""
+_LOCATIONS_KEPT = datetime.timedelta(days=30)
+"""Artifact locations are forgotten after the staleness cap, or this long without one."""
+
+
+async def _collect_blobs_forever(rt: runtime.Runtime) -> None:
+    """Delete blobs no entry refers to (expired, replaced or deleted entries' artifacts), and old locations."""
+    if rt.blobs is None:
+        return
+    while True:
+        await asyncio.sleep(rt.settings.expiry_interval)
+        try:
+            collected = await rt.blobs.collect(older_than=_BLOB_GRACE)
+            forgotten = await rt.blobs.forget_locations(older_than=rt.settings.max_staleness or _LOCATIONS_KEPT)
+        except errors.StoreUnavailable as exc:
+            log.warning("blob_collection_failed", error=str(exc))
+        else:
+            if collected or forgotten:
+                metrics.BLOBS_COLLECTED.inc(collected)
+                log.info("blobs_collected", blobs=collected, locations=forgotten)
 
 
 async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:

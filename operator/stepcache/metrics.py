@@ -7,6 +7,10 @@ import prometheus_client
 __all__ = [
     "ADMISSIONS",
     "ADMISSION_FAILURES",
+    "ARTIFACTS_STORED",
+    "ARTIFACTS_UNREPLAYABLE",
+    "BLOBS_COLLECTED",
+    "BLOB_REQUESTS",
     "CACHEENTRY_DEFERRED",
     "CACHEENTRY_WRITES",
     "EVENTS",
@@ -44,6 +48,18 @@ RECORD_STAGE_SECONDS = prometheus_client.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 EXPIRED = prometheus_client.Counter("stepcache_expired", "Entries deleted by the expiry timer.")
+ARTIFACTS_STORED = prometheus_client.Counter(
+    "stepcache_artifacts_stored", "Output artifacts read from Argo's repository into the blob store."
+)
+ARTIFACTS_UNREPLAYABLE = prometheus_client.Counter(
+    "stepcache_artifacts_unreplayable",
+    "Argo steps recorded as not replayable because of their output artifacts, by reason.",
+    ["reason"],
+)
+BLOB_REQUESTS = prometheus_client.Counter(
+    "stepcache_blob_requests", "Requests to the blob endpoint, by outcome.", ["outcome"]
+)
+BLOBS_COLLECTED = prometheus_client.Counter("stepcache_blobs_collected", "Blobs no entry referred to, deleted.")
 INVALIDATED = prometheus_client.Counter(
     "stepcache_invalidated", "Entries deleted through their CacheEntry object (kubectl delete ce)."
 )

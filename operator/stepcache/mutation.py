@@ -28,7 +28,7 @@ import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from stepcache import argo, errors, model
+from stepcache import argo, artifacts, errors, model
 
 __all__ = [
     "CACHE_ID",
@@ -165,10 +165,13 @@ def hit_patch(
     entry: model.CachedEntry,
     options: ReplayOptions,
     kfp: bool,
+    sources: Mapping[str, artifacts.Source] | None = None,
 ) -> dict[str, Any]:
     """Serve the pod from `entry`: replay containers in place of the real ones (see the module's docstring).
 
-    Raises `errors.Uncacheable` when the pod cannot be replayed from this entry; the caller then admits it as a miss.
+    `sources` says where the replay of an Argo step gets each output artifact's blob, by sha256
+    (`artifacts.served` tells which the pod needs). Raises `errors.Uncacheable` when the pod cannot be replayed from
+    this entry — a blob without a source included; the caller then admits it as a miss.
     """
     tmpl = argo.template(pod)
     spec: Mapping[str, Any] = pod.get("spec") or {}
@@ -177,7 +180,9 @@ def hit_patch(
     ]
     removed = {volume.get("name") for volume in spec.get("volumes") or []} - {v.get("name") for v in kept_volumes}
     if tmpl is not None:
-        changes = _argo_spec_patch(pod, tmpl, entry=entry, options=options, volumes=kept_volumes, removed=removed)
+        changes = _argo_spec_patch(
+            pod, tmpl, entry=entry, options=options, volumes=kept_volumes, removed=removed, sources=sources or {}
+        )
     else:
         changes = _plain_spec_patch(pod, entry=entry, options=options, volumes=kept_volumes)
     labels: dict[str, str | None] = {CACHE_ID: str(entry.id), HIT: "true"}
@@ -396,14 +401,22 @@ def _argo_spec_patch(
     options: ReplayOptions,
     volumes: list[Mapping[str, Any]],
     removed: set[Any],
+    sources: Mapping[str, artifacts.Source],
 ) -> dict[str, Any]:
-    """`main` becomes the replay; Argo's `init` and `wait` (argoexec) still run, since `wait` reports the outputs.
+    """`main` becomes the replay; Argo's `init` and `wait` (argoexec) still run, since `wait` reports the outputs
+    and uploads the artifacts the replay writes back, under this workflow's own keys.
 
     They and any sidecar only lose what the module docstring lists, plus their mounts of removed volumes (`wait` and
     `init` mirror user volumes under /mainctrfs); user init containers go, as on a plain pod.
     """
-    if argo.declares_artifacts(tmpl):
-        raise errors.Uncacheable("the Argo template declares output artifacts, whose bytes are not stored")
+    deliveries = []
+    for declared, stored in artifacts.served(tmpl, entry.argo_outputs):
+        source = sources.get(stored.sha256)
+        if source is None:
+            raise errors.Uncacheable(f"no way to deliver the blob of output artifact {declared.name!r}")
+        deliveries.append(
+            artifacts.Delivery(path=declared.path, archive=stored.archive, sha256=stored.sha256, source=source)
+        )
     spec: Mapping[str, Any] = pod.get("spec") or {}
     containers: list[Mapping[str, Any]] = list(spec.get("containers") or [])
     index = next((i for i, c in enumerate(containers) if c.get("name") == argo.MAIN_CONTAINER), None)
@@ -430,6 +443,11 @@ def _argo_spec_patch(
     for position, (name, path) in enumerate(paths.items()):
         env += [_env(PARAM_PATH_ENV.format(position), path), _env(PARAM_VALUE_ENV.format(position), parameters[name])]
         script.append(f'w "${PARAM_PATH_ENV.format(position)}" "${PARAM_VALUE_ENV.format(position)}"\n')
+    # After the parameters: KFP v1 declares a parameter and an artifact at one path, and the artifact's bytes are
+    # the step's own (the parameter read back from them is the same value).
+    artifact_script, artifact_env = artifacts.replay_lines(deliveries)
+    script.append(artifact_script)
+    env += [_env(name, value) for name, value in artifact_env]
     if isinstance(result, str):
         env.append(_env(RESULT_ENV, result))
         script.append(_ARGO_SCRIPT_RESULT)
@@ -442,7 +460,7 @@ def _argo_spec_patch(
     for field in ("args", "workingDir", "volumeDevices"):
         replay.pop(field, None)
     mounts = list(replay.get("volumeMounts") or [])
-    added = _output_volumes(paths.values(), mounts=mounts, volumes=volumes)
+    added = _output_volumes([*paths.values(), *(d.path for d in deliveries)], mounts=mounts, volumes=volumes)
     mounts += [{"name": volume["name"], "mountPath": path} for path, volume in added]
     replay.update(
         image=options.cache_image,
@@ -485,15 +503,15 @@ def _output_volumes(
     needed: set[str] = set()
     for path in paths:
         if not path.startswith("/"):
-            raise errors.Uncacheable(f"output parameter path {path!r} is not absolute")
+            raise errors.Uncacheable(f"output path {path!r} is not absolute")
         directory = posixpath.dirname(posixpath.normpath(path))
         mount = _covering_mount(directory, mounts)
         if mount is None:
             if directory == "/":
-                raise errors.Uncacheable(f"output parameter path {path!r} is in /, which a replay cannot write")
+                raise errors.Uncacheable(f"output path {path!r} is in /, which a replay cannot write")
             needed.add(directory)
         elif mount.get("name") not in writable or mount.get("readOnly"):
-            raise errors.Uncacheable(f"output parameter path {path!r} is on a volume the replay cannot write")
+            raise errors.Uncacheable(f"output path {path!r} is on a volume the replay cannot write")
     outermost: list[str] = []
     for directory in sorted(needed, key=lambda d: (d.count("/"), d)):
         if not any(_is_within(directory, chosen) for chosen in outermost):

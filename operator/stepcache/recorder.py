@@ -19,7 +19,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from stepcache import argo, errors, execution, keys, logs, metrics, mutation, outputs, runtime, signing
+from stepcache import (
+    argo,
+    artifacts,
+    blobs,
+    errors,
+    execution,
+    harvest,
+    keys,
+    logs,
+    metrics,
+    mutation,
+    outputs,
+    runtime,
+    signing,
+)
 
 __all__ = ["Recorder"]
 
@@ -27,6 +41,8 @@ log = logs.get(__name__)
 
 _ARGO_OUTPUT_ATTEMPTS = 10
 """How many times to wait for Argo's WorkflowTaskResult before giving up on a pod (outputs never guessed)."""
+_ARTIFACT_ATTEMPTS = 10
+"""How many times to try reading an unreachable artifact repository before recording the step as not replayable."""
 
 
 class _RetryLater(Exception):
@@ -105,6 +121,16 @@ class Recorder:
         self._wakeup = asyncio.Event()
         self._store_down = False
         self._next_probe = 0.0
+        self._harvester = (
+            None
+            if rt.blobs is None
+            else harvest.Harvester(
+                blob_store=rt.blobs,
+                reader=blobs.S3Reader(),
+                secrets=rt.kube,
+                max_bytes=rt.settings.artifact_max_bytes,
+            )
+        )
 
     @property
     def pending(self) -> int:
@@ -326,7 +352,14 @@ class Recorder:
         annotations = metadata.get("annotations") or {}
         key_value = annotations.get(mutation.KEY, "")
         key_containers = annotations.get(mutation.KEY_CONTAINERS, "")
-        key = _verified_key(rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers)
+        try:
+            provenance = await self._provenance(pod, namespace=namespace)
+        except errors.StoreUnavailable as exc:
+            self._store_is_down()
+            raise _RetryLater("store-unavailable") from exc
+        key = _verified_key(
+            rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers, provenance=provenance
+        )
         if isinstance(key, str):
             await self._reject(pod, reason=key)
             return None
@@ -337,10 +370,21 @@ class Recorder:
         try:
             task_result = await self._argo_task_result(pod, attempt=attempt)
             entry = outputs.new_entry(pod, cache_key=key.value, key_material=key.material, task_result=task_result)
+            harvested = None
+            if self._harvester is not None:
+                harvested = await self._harvester.collect(
+                    pod, task_result=task_result, last_attempt=attempt + 1 >= _ARTIFACT_ATTEMPTS
+                )
+                entry = harvested.apply(entry) if harvested is not None else entry
             before_row = time.perf_counter()
             async with self._connections:
                 entry_id = await rt.store.record(entry)
             row_seconds = time.perf_counter() - before_row
+            if harvested is not None and rt.blobs is not None:
+                await rt.blobs.store_locations(scope=entry.namespace, located=harvested.located(entry_id=entry_id))
+        except harvest.Unavailable as exc:
+            log.warning("artifacts_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
+            raise _RetryLater(exc.reason) from exc
         except errors.StoreUnavailable as exc:
             log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
             self._store_is_down()
@@ -380,6 +424,19 @@ class Recorder:
             # Still labelled: rejected again on the next delivery, which costs a check and writes nothing.
             log.warning("unlabel_failed", pod=f"{namespace}/{name}", error=_describe(exc))
             raise _RetryLater("unlabel-failed") from exc
+
+    async def _provenance(self, pod: Mapping[str, Any], *, namespace: str) -> artifacts.Resolved:
+        """What the pod's Argo input artifacts' locations hold, as known now (the webhook may have known less)."""
+        rt = self._rt
+        try:
+            tmpl = argo.template(pod) if rt.blobs is not None and argo.is_argo(pod) else None
+        except errors.Uncacheable:
+            return artifacts.UNKNOWN  # the key check says why
+        locations = artifacts.input_locations(tmpl) if tmpl is not None else []
+        if not locations or rt.blobs is None:
+            return artifacts.UNKNOWN
+        scope = namespace if rt.key_options.scope == "namespace" else "*"
+        return artifacts.Resolved(await rt.blobs.resolve(scope=scope, locations=locations))
 
     async def _argo_task_result(self, pod: Mapping[str, Any], *, attempt: int) -> dict[str, Any] | None:
         """Argo >= 3.6 reports outputs only in a WorkflowTaskResult; wait for it to be complete."""
@@ -421,9 +478,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def _verified_key(
-    rt: runtime.Runtime, pod: Mapping[str, Any], *, namespace: str, key_value: str, key_containers: str
+    rt: runtime.Runtime,
+    pod: Mapping[str, Any],
+    *,
+    namespace: str,
+    key_value: str,
+    key_containers: str,
+    provenance: artifacts.Resolved = artifacts.UNKNOWN,
 ) -> keys.Key | str:
-    """The pod's key if its signature and the key recomputed from the pod as it is now both hold, else why not."""
+    """The pod's key if its signature and the key recomputed from the pod as it is now both hold, else why not.
+
+    A consumer of Argo artifacts admitted before its inputs' content was known was keyed by their locations: when
+    that is the signed key, the key returned is the one by content (`provenance`), which later runs look up.
+    """
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     signature = annotations.get(mutation.KEY_SIGNATURE)
     if not key_value or not key_containers or not signature:
@@ -439,7 +506,18 @@ def _verified_key(
             options=rt.key_options,
             containers=key_containers.split(","),
             references=rt.references,
+            provenance=provenance,
         )
+        if recomputed.value != key_value and provenance.known:
+            by_location = keys.compute(
+                pod,
+                namespace=namespace,
+                options=rt.key_options,
+                containers=key_containers.split(","),
+                references=rt.references,
+            )
+            if by_location.value == key_value:
+                return recomputed
     except errors.Uncacheable:
         return "not-keyable"  # a key container is gone, or a referenced ConfigMap is unknown now
     if recomputed.value != key_value:

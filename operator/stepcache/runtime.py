@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stepcache import config, keys, kube, mirror, mutation, references, store
+from stepcache import blobs, config, keys, kube, mirror, mutation, references, store
 
 __all__ = ["OptedInNamespaces", "Runtime"]
 
@@ -44,3 +44,7 @@ class Runtime:
     """Digests of the ConfigMaps (and, with STEPCACHE_KEY_SECRET_CONTENT, Secrets) of opted-in namespaces."""
     mirror: mirror.Mirror | None = None
     """CacheEntry objects and Events; None where no cluster-side view is wanted (unit tests)."""
+    blobs: blobs.BlobStore | None = None
+    """Output artifacts' bytes and locations; None where artifacts are not handled (then never served)."""
+    url_key: bytes = b""
+    """Signs blob URLs (`artifacts.url_key` of the signing key)."""

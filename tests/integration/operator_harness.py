@@ -258,7 +258,8 @@ def webhook_tls(directory: pathlib.Path) -> WebhookTLS:
 
 
 def settings_for(database_url: str, *, certs: WebhookTLS, port: int, **environ: str) -> config.Settings:
-    """Settings as the operator reads them from its environment: loopback webhook, no metrics or health ports."""
+    """Settings as the operator reads them from its environment: loopback webhook, no metrics, health or blob
+    ports."""
     return config.Settings.from_env(
         {
             "STEPCACHE_DATABASE_URL": database_url,
@@ -268,6 +269,7 @@ def settings_for(database_url: str, *, certs: WebhookTLS, port: int, **environ: 
             "STEPCACHE_WEBHOOK_KEY_FILE": str(certs.key_file),
             "STEPCACHE_METRICS_PORT": "0",
             "STEPCACHE_HEALTH_PORT": "0",
+            "STEPCACHE_BLOB_PORT": "0",
             **environ,
         }
     )

@@ -715,14 +715,14 @@ def test_argo_replay_without_a_result_prints_nothing(tmp_path: pathlib.Path) -> 
     assert (tmp_path / "upper.txt").read_bytes() == b"X\n"
 
 
-def test_argo_hit_of_a_template_with_output_artifacts_is_uncacheable() -> None:
+def test_argo_hit_of_an_entry_that_lacks_a_declared_output_artifact_is_uncacheable() -> None:
     pod = load("argo-3.6-pod")
     tmpl = argo.template(pod)
     assert tmpl is not None
     tmpl["outputs"]["artifacts"] = [{"name": "model", "path": "/tmp/model"}]
     set_template(pod, tmpl)
 
-    with pytest.raises(errors.Uncacheable, match="artifacts"):
+    with pytest.raises(errors.Uncacheable, match="lacks output artifact 'model'"):
         mutation.hit_patch(pod, signed=SIGNED, entry=ARGO_ENTRY, options=OPTIONS, kfp=False)
 
 
@@ -766,8 +766,9 @@ def test_kfp_v1_hit_is_labelled_reused_from_cache_and_keeps_the_short_emissary_p
     assert result["spec"]["volumes"] == pod["spec"]["volumes"]
 
 
-def test_kfp_v1_step_with_file_outputs_is_uncacheable() -> None:
-    """KFP v1 compiles each file output into an Argo output parameter and an artifact of the same path."""
+def test_kfp_v1_step_with_file_outputs_is_uncacheable_from_an_entry_without_their_bytes() -> None:
+    """KFP v1 compiles each file output into an Argo output parameter and an artifact of the same path; an entry
+    recorded without the artifact (before artifacts were stored) cannot serve it."""
     pod = load("kfp-v1-pod")
     tmpl = argo.template(pod)
     assert tmpl is not None
@@ -778,7 +779,7 @@ def test_kfp_v1_step_with_file_outputs_is_uncacheable() -> None:
     }
     set_template(pod, tmpl)
 
-    with pytest.raises(errors.Uncacheable, match="artifacts"):
+    with pytest.raises(errors.Uncacheable, match="lacks output artifact 'print-Output'"):
         mutation.hit_patch(pod, signed=SIGNED, entry=entry(), options=OPTIONS, kfp=True)
 
 
