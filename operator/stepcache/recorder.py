@@ -13,6 +13,7 @@ it leaves the recorder's watch and is never re-examined into a record later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import heapq
 import time
@@ -41,6 +42,8 @@ log = logs.get(__name__)
 
 _ARGO_OUTPUT_ATTEMPTS = 10
 """How many times to wait for Argo's WorkflowTaskResult before giving up on a pod (outputs never guessed)."""
+_REMEMBERED_DONE = 10_000
+"""Uids of pods recorded or rejected lately, kept so that a redelivery is skipped (≈ 1 MB)."""
 _ARTIFACT_ATTEMPTS = 10
 """How many times to try reading an unreachable artifact repository before recording the step as not replayable."""
 
@@ -121,6 +124,10 @@ class Recorder:
         self._wakeup = asyncio.Event()
         self._store_down = False
         self._next_probe = 0.0
+        self._in_flight: set[str] = set()
+        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Uids this process recorded or rejected lately: a later delivery of the same pod (an event that crossed the
+        label, the resync) costs nothing. Bounded; a pod it forgot is simply checked again."""
         self._harvester = (
             None
             if rt.blobs is None
@@ -143,10 +150,10 @@ class Recorder:
         At most `concurrency` pods are recorded at once, the others wait in arrival order: with every delivered pod
         in flight at once, their requests would interleave and all of them would finish late together.
         """
-        if not _unrecorded(pod):
-            return  # recorded already (or a hit, or not Succeeded): nothing to wait for
-        metadata = pod.get("metadata") or {}
-        previous = self._pending.pop(metadata.get("uid", ""), None)
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        if not _unrecorded(pod) or uid in self._done or uid in self._in_flight:
+            return  # recorded already (or a hit, or not Succeeded, or being recorded): nothing to wait for
+        previous = self._pending.pop(uid, None)
         attempts = previous.attempts if previous else 0
         if self._store_known_down():
             self._defer(pod, attempts=attempts, reason="store-unavailable", delay=self._delay(attempts))
@@ -155,15 +162,19 @@ class Recorder:
             self._defer(pod, attempts=attempts, reason="busy", delay=self._first_delay)
             return
         received = time.time()
-        self._waiting += 1
+        self._in_flight.add(uid)
         try:
-            await self._slots.acquire()
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                await self._attempt(pod, attempt=attempts, received=received)
+            finally:
+                self._slots.release()
         finally:
-            self._waiting -= 1
-        try:
-            await self._attempt(pod, attempt=attempts, received=received)
-        finally:
-            self._slots.release()
+            self._in_flight.discard(uid)
 
     async def resync(self) -> int:
         """One pass over every Succeeded, still unrecorded pod of the opted-in namespaces; returns how many.
@@ -178,7 +189,8 @@ class Recorder:
         seen = 0
         async for pod in self._rt.kube.unrecorded_succeeded_pods():
             metadata = pod.get("metadata") or {}
-            if metadata.get("namespace") not in self._rt.namespaces or metadata.get("uid") in self._pending:
+            uid = metadata.get("uid")
+            if metadata.get("namespace") not in self._rt.namespaces or uid in self._pending or uid in self._done:
                 continue
             seen += 1
             await self.handle(pod)
@@ -214,6 +226,15 @@ class Recorder:
 
     async def _retry(self, pending: _Pending) -> None:
         """Read the pod again (it may have changed, been recorded or deleted) and try once more."""
+        if pending.uid in self._in_flight or pending.uid in self._done:
+            return  # delivered again meanwhile: that delivery is the retry
+        self._in_flight.add(pending.uid)
+        try:
+            await self._retry_now(pending)
+        finally:
+            self._in_flight.discard(pending.uid)
+
+    async def _retry_now(self, pending: _Pending) -> None:
         ref = f"{pending.namespace}/{pending.name}"
         if self._store_known_down():
             # No read, no attempt: the pod waits its next turn (with backoff), as it is.
@@ -255,6 +276,7 @@ class Recorder:
                 return
             self._defer(pod, attempts=attempt + 1, reason="unexpected-error", delay=self._delay(attempt + 1))
             return
+        self._remember_done(str(metadata.get("uid", "")))
         if recorded is not None:
             # The stages, so a slow recording can be told apart: delivery (until `received_at`), waiting for a
             # recording slot, the row, the label.
@@ -269,6 +291,11 @@ class Recorder:
                 row_ms=round(recorded.row_seconds * 1000, 2),
                 label_ms=round(recorded.label_seconds * 1000, 2),
             )
+
+    def _remember_done(self, uid: str) -> None:
+        self._done[uid] = None
+        while len(self._done) > _REMEMBERED_DONE:
+            self._done.popitem(last=False)
 
     def _delay(self, attempts: int) -> float:
         """Seconds before the next attempt, after `attempts` failed ones: 0.5 s doubling up to 30 s."""
