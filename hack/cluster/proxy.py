@@ -105,6 +105,14 @@ class TcpProxy:
         return len(writers) // 2
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._relay_once(client_reader, client_writer)
+        except asyncio.CancelledError:
+            # Only at shutdown (nothing else cancels a relay): asyncio's server would log a cancelled handler as an
+            # error. The loop is closing, so there is nobody to hand the cancellation to.
+            client_writer.transport.abort()
+
+    async def _relay_once(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         upstream = await self._connect()
         if upstream is None:
             self.refused += 1
@@ -137,11 +145,13 @@ class TcpProxy:
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        # Aborted connections end their relays normally; only a relay still connecting is cancelled.
         await self._cut()
         tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
+        _, late = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
+        for task in late:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*late, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
