@@ -125,6 +125,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settin
     kopf_settings.persistence.finalizer = FINALIZER
     kopf_settings.posting.enabled = False  # kopf's own per-handler Events would be writes on users' pods
     kopf_settings.peering.standalone = True
+    # kopf's worker for an object keeps the object's last event until it has idled this long (5 s by default): with
+    # thousands of pods delivered during a database outage, that was thousands of decoded pods held for nothing.
+    kopf_settings.queueing.idle_timeout = 0.5
     # The documented `['v1/pods']` key form silently matches nothing; this form works.
     kopf_settings.watching.label_selectors[_POD_SELECTOR] = f"{mutation.CACHE_ID}="
     kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
