@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--record-pods", type=int, default=1000, help="pods completing at --record-rate (1000)")
     group.add_argument("--record-rate", type=float, default=100.0, help="completions per second (100)")
     group.add_argument("--memory-pods", type=int, default=2_000, help="pods for the RSS measurement (2,000)")
+    group.add_argument(
+        "--recorder-baseline",
+        type=pathlib.Path,
+        help="a directory holding another version's `stepcache` package (e.g. `git archive` of an older commit's "
+        "operator/): each recorder run is then made by that operator too, interleaved, in the same invocation",
+    )
     args = parser.parse_args(argv)
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the stage stops Postgres and the control plane.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -104,13 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "recorder" in parts:
             from bench import recorder
 
-            recorder.run(st, results=results, pods=args.record_pods, rate=args.record_rate)
+            recorder.run(
+                st, results=results, pods=args.record_pods, rate=args.record_rate, baseline=args.recorder_baseline
+            )
             print(report.recorder_table(results.data), flush=True)
+            recorder.cleanup(st)
             if args.profile:
                 from bench import profile
 
                 profile.run_recorder(st, results=results)
                 print(report.recorder_profile_table(results.data), flush=True)
+                recorder.cleanup(st)
         if "memory" in parts:
             from bench import memory
 

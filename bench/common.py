@@ -38,6 +38,7 @@ __all__ = [
     "free_port",
     "machine",
     "make_certs",
+    "peak_rss_mib",
     "percentile",
     "pin",
     "rss_mib",
@@ -119,6 +120,14 @@ def rss_mib(pid: int) -> float:
     """Resident set size of one process, in MiB."""
     pages = int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1])
     return pages * _PAGE / 2**20
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The highest resident set size the process has had so far (VmHWM), in MiB."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
 
 
 # --- statistics -----------------------------------------------------------------------------------------------------

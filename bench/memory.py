@@ -30,15 +30,15 @@ _NAMESPACE = "bench-mem"
 
 
 def _first_retries(log_file: pathlib.Path, offset: int) -> int:
-    """Distinct pods put on the retry queue since `offset`: the operator logs attempt 0 once per pod."""
+    """Distinct pods put on the retry queue since `offset` (the operator logs each pod's first scheduling)."""
     with log_file.open("rb") as log:
         log.seek(offset)
-        count = 0
+        pods: set[str] = set()
         for line in log:
             if b"record_retry_scheduled" in line:
                 with contextlib.suppress(ValueError):
-                    count += json.loads(line).get("attempt") == 0
-        return count
+                    pods.add(str(json.loads(line).get("pod")))
+        return len(pods)
 
 
 def run(st: stage.Stage, *, results: common.Results, pods: int) -> dict[str, Any]:
@@ -50,12 +50,13 @@ def run(st: stage.Stage, *, results: common.Results, pods: int) -> dict[str, Any
 
     def note(name: str, **extra: Any) -> None:
         rss = common.rss_mib(stage.pid_of(operator))
-        states.append({"name": name, "rss_mib": rss, **extra})
+        peak = common.peak_rss_mib(stage.pid_of(operator))
+        states.append({"name": name, "rss_mib": rss, "peak_rss_mib": peak, **extra})
         results["memory"] = report
-        common.say(f"memory: {name}: RSS {rss:.1f} MiB")
+        common.say(f"memory: {name}: RSS {rss:.1f} MiB (peak so far {peak:.1f} MiB)")
 
     st.cp.apply(operator.webhook_configuration())
-    st.cp.create_namespace(_NAMESPACE, labels={"stepcache.dev/enabled": "true"})
+    recorder.prepare_namespace(st, _NAMESPACE)
     original_affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {common.GENERATOR_CORE})  # the client stays off the operator's core
     try:

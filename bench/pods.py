@@ -113,9 +113,13 @@ class Api:
             result: dict[str, Any] = json.loads(await response.read())
             return result
 
-    async def watch_pods(self, namespace: str, *, resource_version: str) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    async def watch_pods(
+        self, namespace: str, *, resource_version: str, selector: str = ""
+    ) -> AsyncIterator[tuple[float, dict[str, Any]]]:
         """(receipt time.time(), event) for every pod event from `resource_version` on."""
         params = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": "3600"}
+        if selector:
+            params["labelSelector"] = selector
         async with self.session.get(
             f"{self.server}/api/v1/namespaces/{namespace}/pods",
             params=params,

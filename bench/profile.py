@@ -224,7 +224,7 @@ def run_recorder(st: stage.Stage, *, results: common.Results, pods: int = 600, r
             process.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
             process.wait(timeout=60)
         st.cp.kubectl("delete", "mutatingwebhookconfiguration", "stepcache", "--ignore-not-found", check=False)
-        st.cp.kubectl("delete", "namespace", "bench-rec-profiled", "--wait=false", check=False)
+        st.cache.setdefault("recorder-namespaces", []).append("bench-rec-profiled")
     busy, idle, shares = classify(out.read_text(), main_marker="stepcache/main.py")
     report = {
         "pods": pods,

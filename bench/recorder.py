@@ -10,20 +10,34 @@ measured from the PATCH being sent, so they include the API server, the operator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 import uvloop
+from hack.cluster import operator as operator_harness
 
 from bench import common, pods, stage
 
-__all__ = ["create_pods", "one_run", "run"]
+__all__ = ["cleanup", "create_pods", "one_run", "prepare_namespace", "run"]
 
 _TIMEOUT = 300.0
+
+
+def prepare_namespace(st: stage.Stage, namespace: str) -> None:
+    """An opted-in namespace holding the ConfigMap the Job pods read (`train-config`, empty).
+
+    Keys v2 cover what a pod reads from ConfigMaps: a pod reading one the operator does not know is uncacheable,
+    so without it the pods would be admitted unkeyed and never recorded. `_wait_keyed` then waits until the
+    operator's view holds it."""
+    st.cp.create_namespace(namespace, labels={"stepcache.dev/enabled": "true"})
+    st.cp.kubectl("create", "configmap", "train-config", "--namespace", namespace)
 
 
 async def create_pods(
@@ -55,7 +69,7 @@ async def one_run(
 
     `on_created` runs between the two (the profile starts sampling there)."""
     namespace = f"bench-rec-{name}"
-    st.cp.create_namespace(namespace, labels={"stepcache.dev/enabled": "true"})
+    prepare_namespace(st, namespace)
     api = pods.Api(st, limit=64)
     try:
         await _wait_keyed(api, namespace)
@@ -63,30 +77,59 @@ async def one_run(
         by_uid = {pod["metadata"]["uid"]: pod for pod in created}
         if any((pod["metadata"].get("labels") or {}).get("stepcache.dev/cache-id") != "" for pod in created):
             raise RuntimeError("a pod was not admitted as a miss (no empty cache-id label)")
-        listed = await api.list_pods(namespace)
         labelled: dict[str, float] = {}
         done = asyncio.Event()
+        # Only labelled pods (`!=` with an empty value: every pod here has the label): a watch of every status
+        # change of the namespace is closed by kube-apiserver as too slow under this load, losing the rest.
+        labelled_selector = "stepcache.dev/cache-id!="
+        listed = await api.list_pods(namespace, selector=labelled_selector)
+
+        def saw(pod: dict[str, Any], at: float) -> None:
+            uid = str((pod.get("metadata") or {}).get("uid"))
+            value = ((pod.get("metadata") or {}).get("labels") or {}).get("stepcache.dev/cache-id", "")
+            if uid in by_uid and value.isdigit() and uid not in labelled:
+                labelled[uid] = at
+                if len(labelled) == count:
+                    done.set()
 
         async def watch() -> None:
-            async for seen, event in api.watch_pods(namespace, resource_version=listed["metadata"]["resourceVersion"]):
-                pod = event.get("object") or {}
-                uid = str((pod.get("metadata") or {}).get("uid"))
-                value = ((pod.get("metadata") or {}).get("labels") or {}).get("stepcache.dev/cache-id", "")
-                if uid in by_uid and value.isdigit() and uid not in labelled:
-                    labelled[uid] = seen
-                    if len(labelled) == count:
-                        done.set()
-                        return
+            version = listed["metadata"]["resourceVersion"]
+            while not done.is_set():
+                try:
+                    async for seen, event in api.watch_pods(
+                        namespace, resource_version=version, selector=labelled_selector
+                    ):
+                        pod = event.get("object") or {}
+                        if event.get("type") == "ERROR":
+                            break  # too old: list again below
+                        version = (pod.get("metadata") or {}).get("resourceVersion") or version
+                        saw(pod, seen)
+                        if done.is_set():
+                            return
+                    else:
+                        continue  # the server ended the watch: resume where it stopped
+                except aiohttp.ClientError:
+                    pass
+                relisted = await api.list_pods(namespace, selector=labelled_selector)
+                version = relisted["metadata"]["resourceVersion"]
+                watch_restarts.append(time.time())
+                for pod in relisted["items"]:
+                    saw(pod, time.time())
+
+        watch_restarts: list[float] = []
 
         watcher = asyncio.create_task(watch())
         if on_created is not None:
             on_created()
         sent: dict[str, float] = {}
+        answered: dict[str, float] = {}
         errors: list[str] = []
 
         async def succeed(pod: dict[str, Any]) -> None:
-            sent[pod["metadata"]["uid"]] = time.time()
+            uid = pod["metadata"]["uid"]
+            sent[uid] = time.time()
             status = await api.patch_status(namespace, pod["metadata"]["name"], pods.succeeded_status(pod))
+            answered[uid] = time.time()
             if status != 200:
                 errors.append(f"status PATCH: HTTP {status}")
 
@@ -94,6 +137,9 @@ async def one_run(
             f"recorder: {name}: {count} pods to Succeeded "
             f"{'at ' + format(rate, 'g') + '/s' if rate else 'as fast as 16 workers go'}"
         )
+        flow_before = await flow_control(api)
+        cpu_pids = _cpu_pids(st)
+        cpu_before = {name: common.cpu_seconds(pids) for name, pids in cpu_pids.items()}
         started = time.time()
         if rate:
             tasks = []
@@ -110,12 +156,16 @@ async def one_run(
         except TimeoutError:
             errors.append(f"{count - len(labelled)} pods not labelled within {_TIMEOUT:g} s")
         watcher.cancel()
+        # The CacheEntry objects are written after the labels now: their CPU counts too.
+        mirrored = await _wait_mirrored(api, namespace, count)
+        cpu = {name: common.cpu_seconds(pids) - cpu_before[name] for name, pids in cpu_pids.items()}
+        flow = flow_control_since(flow_before, await flow_control(api))
         rows = await _rows(st.db.url, namespace)
     finally:
         await api.close()
     row_lags = [(rows[uid] - sent[uid]) * 1000 for uid in sent if uid in rows]
     label_lags = [(labelled[uid] - sent[uid]) * 1000 for uid in sent if uid in labelled]
-    stages = _stages(st, namespace=namespace, by_uid=by_uid, sent=sent, labelled=labelled)
+    stages = _stages(st, namespace=namespace, by_uid=by_uid, sent=sent, answered=answered, labelled=labelled)
     last = max(labelled.values()) if labelled else time.time()
     return {
         "name": name,
@@ -128,6 +178,10 @@ async def one_run(
         "row_lag_ms": common.summarize(row_lags),
         "label_lag_ms": common.summarize(label_lags),
         "stages_ms": stages,
+        "flow_control": flow,
+        "cacheentries": mirrored,
+        "cpu_ms_per_pod": {name: round(seconds / count * 1000, 2) for name, seconds in cpu.items()},
+        "watch_relists": len(watch_restarts),
         "errors": len(errors) + (count - len(rows)),
         "error_samples": errors[:5],
     }
@@ -139,14 +193,21 @@ def _stages(
     namespace: str,
     by_uid: dict[str, dict[str, Any]],
     sent: dict[str, float],
+    answered: dict[str, float],
     labelled: dict[str, float],
 ) -> dict[str, Any]:
-    """Where each pod's lag went, from the operator's `recorded` log lines: PATCH sent → handler started (API
-    server, watch, kopf), the row, the CacheEntry object and Event, the label PATCH, and label written → seen by
-    this client's watch."""
+    """Where each pod's lag went, from the operator's `recorded` log lines.
+
+    Stages: the status PATCH answered (kube-apiserver); PATCH sent → the recorder received the pod (the API server,
+    the operator's watch, kopf); waiting for a recording slot; the row; the CacheEntry object and Event when they
+    were written before the label (operators before they moved off the pod's path); the label PATCH; and label
+    written → seen by this client's watch. Both log formats are read, so a baseline operator can be compared.
+    """
     assert st.operator is not None
     uid_by_ref = {f"{namespace}/{pod['metadata']['name']}": uid for uid, pod in by_uid.items()}
-    delivery, row, mirrored, label, seen = [], [], [], [], []
+    stages: dict[str, list[float]] = {
+        name: [] for name in ("patch_answered", "sent_to_handler", "wait", "row", "mirror", "label", "label_to_seen")
+    }
     for line in st.operator.logs().splitlines():
         try:
             record = json.loads(line)
@@ -155,21 +216,86 @@ def _stages(
         uid = uid_by_ref.get(str(record.get("pod", "")))
         if record.get("event") != "recorded" or uid is None or uid not in sent:
             continue
-        started = float(record["handler_started_at"])
-        delivery.append((started - sent[uid]) * 1000)
-        spent = float(record["row_ms"]) + float(record["mirror_ms"]) + float(record["label_ms"])
-        row.append(float(record["row_ms"]))
-        mirrored.append(float(record["mirror_ms"]))
-        label.append(float(record["label_ms"]))
+        received = float(record.get("received_at", record.get("handler_started_at", 0.0)))
+        spent = sum(float(record.get(field, 0.0)) for field in ("wait_ms", "row_ms", "mirror_ms", "label_ms"))
+        if uid in answered:
+            stages["patch_answered"].append((answered[uid] - sent[uid]) * 1000)
+        stages["sent_to_handler"].append((received - sent[uid]) * 1000)
+        stages["wait"].append(float(record.get("wait_ms", 0.0)))
+        stages["row"].append(float(record["row_ms"]))
+        if "mirror_ms" in record:
+            stages["mirror"].append(float(record["mirror_ms"]))
+        stages["label"].append(float(record["label_ms"]))
         if uid in labelled:
-            seen.append((labelled[uid] - started) * 1000 - spent)
+            stages["label_to_seen"].append((labelled[uid] - received) * 1000 - spent)
+    return {name: common.summarize(values) for name, values in stages.items() if values}
+
+
+def _cpu_pids(st: stage.Stage) -> dict[str, list[int]]:
+    """The processes whose CPU time a recording costs: the operator, Postgres (every backend), kube-apiserver and
+    etcd."""
+    assert st.operator is not None
+    control_plane = []
+    for pid in common.descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() in ("kube-apiserver", "etcd"):
+                control_plane.append(pid)
     return {
-        "sent_to_handler": common.summarize(delivery),
-        "row": common.summarize(row),
-        "mirror": common.summarize(mirrored),
-        "label": common.summarize(label),
-        "label_to_seen": common.summarize(seen),
+        "operator": common.descendants(stage.pid_of(st.operator)),
+        "postgres": common.descendants(st.postmaster_pid),
+        "apiserver+etcd": control_plane,
     }
+
+
+async def _wait_mirrored(api: pods.Api, namespace: str, count: int, *, within: float = 120.0) -> int:
+    """Wait until the namespace holds a CacheEntry per pod (for `within` seconds at most); return how many."""
+    url = f"{api.server}/apis/stepcache.dev/v1alpha1/namespaces/{namespace}/cacheentries"
+    deadline = time.monotonic() + within
+    while True:
+        async with api.session.get(url) as response:
+            found = len(json.loads(await response.read()).get("items") or [])
+        if found >= count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
+async def flow_control(api: pods.Api) -> dict[str, dict[str, float]]:
+    """kube-apiserver's API Priority and Fairness counters, per priority level: requests that waited in its queues
+    (count, total seconds) and requests it rejected (429)."""
+    async with api.session.get(f"{api.server}/metrics") as response:
+        text = await response.text()
+    levels: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "priority_level=" not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        level = name.split('priority_level="', 1)[1].split('"', 1)[0]
+        entry = levels.setdefault(level, {"waited": 0.0, "wait_seconds": 0.0, "rejected": 0.0})
+        if name.startswith("apiserver_flowcontrol_request_wait_duration_seconds_count") and 'execute="true"' in name:
+            entry["waited"] += float(value)
+        elif name.startswith("apiserver_flowcontrol_request_wait_duration_seconds_sum") and 'execute="true"' in name:
+            entry["wait_seconds"] += float(value)
+        elif name.startswith("apiserver_flowcontrol_rejected_requests_total"):
+            entry["rejected"] += float(value)
+    return levels
+
+
+def flow_control_since(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per priority level that served requests meanwhile: requests, mean and total queueing wait, rejections."""
+    result: dict[str, Any] = {}
+    for level, now in after.items():
+        then = before.get(level, {})
+        waited = now["waited"] - then.get("waited", 0.0)
+        if waited <= 0:
+            continue
+        seconds = now["wait_seconds"] - then.get("wait_seconds", 0.0)
+        result[level] = {
+            "requests": int(waited),
+            "mean_wait_ms": round(seconds / waited * 1000, 3),
+            "total_wait_s": round(seconds, 3),
+            "rejected": int(now["rejected"] - then.get("rejected", 0.0)),
+        }
+    return result
 
 
 async def _wait_keyed(api: pods.Api, namespace: str) -> None:
@@ -198,21 +324,82 @@ async def _rows(dsn: str, namespace: str) -> dict[str, float]:
     return {record["source_uid"]: record["at"] for record in records}
 
 
-def run(st: stage.Stage, *, results: common.Results, pods: int, rate: float) -> dict[str, Any]:
+def run(
+    st: stage.Stage, *, results: common.Results, pods: int, rate: float, baseline: pathlib.Path | None = None
+) -> dict[str, Any]:
+    """The steady run, then the burst; with `baseline` (a directory holding another version's `stepcache`
+    package) each run is made by that operator first and then by this one, interleaved in the same invocation."""
     assert st.operator is not None
-    st.cp.apply(st.operator.webhook_configuration())
-    runs = []
+    variants: list[tuple[str, pathlib.Path | None]] = (
+        [("", None)]
+        if baseline is None
+        else [
+            ("baseline-", baseline),
+            ("", None),
+        ]
+    )
+    runs: list[dict[str, Any]] = []
+    names: list[str] = []
     original_affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {common.GENERATOR_CORE})  # the client stays off the operator's core
     try:
-        runs.append(uvloop.run(one_run(st, name="steady", count=pods, rate=rate, first=1_000_000)))
-        results["recorder"] = {"runs": runs}
-        runs.append(uvloop.run(one_run(st, name="burst", count=pods, rate=None, first=2_000_000)))
+        for number, (kind, kind_rate) in enumerate((("steady", rate), ("burst", None))):
+            for index, (prefix, source) in enumerate(variants):
+                name = f"{prefix}{kind}"
+                names.append(name)
+                with _operator(st, source):
+                    st.cp.apply(st.operator.webhook_configuration())
+                    os.sched_setaffinity(0, {common.GENERATOR_CORE})  # the client stays off the operator's core
+                    try:
+                        first = 1_000_000 * (number + 1) + 100_000 * index
+                        measured = uvloop.run(one_run(st, name=name, count=pods, rate=kind_rate, first=first))
+                    finally:
+                        os.sched_setaffinity(0, original_affinity)
+                measured["operator"] = "baseline" if source is not None else "this tree"
+                runs.append(measured)
+                results["recorder"] = {"runs": runs, "baseline": str(baseline) if baseline else None}
     finally:
-        os.sched_setaffinity(0, original_affinity)
         st.cp.kubectl("delete", "mutatingwebhookconfiguration", "stepcache", "--ignore-not-found", check=False)
-        for name in ("steady", "burst"):
-            st.cp.kubectl("delete", "namespace", f"bench-rec-{name}", "--wait=false", "--ignore-not-found", check=False)
-    report = {"runs": runs}
+        st.cache.setdefault("recorder-namespaces", []).extend(f"bench-rec-{name}" for name in names)
+    report = {"runs": runs, "baseline": str(baseline) if baseline else None}
     results["recorder"] = report
     return report
+
+
+def cleanup(st: stage.Stage) -> None:
+    """Delete the recorder's namespaces and wait until they are gone.
+
+    Deleting a namespace deletes its CacheEntries, and the operator then deletes each one's row (its finalizer):
+    thousands of deletions that must not overlap what is measured next (the profile, the memory benchmark)."""
+    names = st.cache.pop("recorder-namespaces", [])
+    for name in names:
+        st.cp.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+    if names:
+        common.say(f"recorder: waiting for {len(names)} namespaces (and their CacheEntries) to be deleted")
+        st.cp.kubectl(
+            "wait", "--for=delete", "--timeout=600s", *(f"namespace/{name}" for name in names), check=False, timeout=660
+        )
+
+
+@contextlib.contextmanager
+def _operator(st: stage.Stage, source: pathlib.Path | None) -> Iterator[None]:
+    """Make `st.operator` an operator running the `stepcache` package in `source` (None: this tree's) for a while;
+    the stage's own operator is stopped meanwhile, so one recorder runs at a time."""
+    if source is None:
+        yield
+        return
+    own = st.operator
+    assert own is not None
+    own.stop()
+    other = operator_harness.OperatorProcess(
+        st.cp, database_url=st.db.url, workdir=st.work / "baseline-operator", env={"PYTHONPATH": str(source)}
+    )
+    try:
+        other.start()
+        common.pin(stage.pid_of(other), [common.SERVER_CORE])
+        st.operator = other
+        yield
+    finally:
+        st.operator = own
+        other.stop()
+        own.start()
+        common.pin(stage.pid_of(own), [common.SERVER_CORE])

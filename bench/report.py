@@ -145,17 +145,73 @@ def recorder_table(data: dict[str, Any]) -> str:
         "### Recorder: Succeeded → row and label",
         "",
         "| run | pods | completions/s offered | rows/s | row lag p50 (ms) | p99 | label lag p50 | p99 | max | "
-        "all recorded after (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "all recorded after (s) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
         row, label = run["row_lag_ms"], run["label_lag_ms"]
         lines.append(
             f"| {run['name']} | {run['pods']} | {run['offered_rate']:,.0f} | {run['rows_per_s']:,.0f} | "
             f"{row['p50']:.0f} | {row['p99']:.0f} | {label['p50']:.0f} | {label['p99']:.0f} | {label['max']:.0f} | "
-            f"{run['all_recorded_s']:.1f} |"
+            f"{run['all_recorded_s']:.1f} | {run.get('errors', 0)} |"
         )
+    staged = [run for run in report["runs"] if run.get("stages_ms")]
+    if staged:
+        names = [name for name in _STAGE_NAMES if any(name in run["stages_ms"] for run in staged)]
+        lines += [
+            "",
+            "Where each pod's label lag went (ms, from the operator's `recorded` log line; p50 / p99):",
+            "",
+            "| run | " + " | ".join(_STAGE_NAMES[name] for name in names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for run in staged:
+            cells = [
+                f"{run['stages_ms'][n]['p50']:.0f} / {run['stages_ms'][n]['p99']:.0f}" if n in run["stages_ms"] else "–"
+                for n in names
+            ]
+            lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
+    costs = [run for run in report["runs"] if run.get("cpu_ms_per_pod")]
+    if costs:
+        names = list(costs[0]["cpu_ms_per_pod"])
+        lines += [
+            "",
+            "CPU time per recorded pod (ms; from the first status PATCH until every pod is labelled and has its"
+            " CacheEntry):",
+            "",
+            "| run | " + " | ".join(names) + " | CacheEntries |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for run in costs:
+            cells = [f"{run['cpu_ms_per_pod'][name]:.2f}" for name in names]
+            lines.append(f"| {run['name']} | " + " | ".join(cells) + f" | {run.get('cacheentries', '–')} |")
+    flows = [run for run in report["runs"] if run.get("flow_control")]
+    if flows:
+        lines += [
+            "",
+            "kube-apiserver's API Priority and Fairness during each run (requests, mean queueing wait, rejections):",
+            "",
+            "| run | priority level | requests | mean wait (ms) | total wait (s) | rejected |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run in flows:
+            for level, flow in sorted(run["flow_control"].items()):
+                lines.append(
+                    f"| {run['name']} | {level} | {flow['requests']:,} | {flow['mean_wait_ms']:.2f} | "
+                    f"{flow['total_wait_s']:.2f} | {flow['rejected']} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+_STAGE_NAMES = {
+    "patch_answered": "status PATCH answered",
+    "sent_to_handler": "PATCH sent → recorder has the pod",
+    "wait": "wait for a slot",
+    "row": "row",
+    "mirror": "CacheEntry + Event (before the label)",
+    "label": "label PATCH",
+    "label_to_seen": "label written → seen",
+}
 
 
 def memory_table(data: dict[str, Any]) -> str:
@@ -165,12 +221,14 @@ def memory_table(data: dict[str, Any]) -> str:
     lines = [
         f"### Operator memory with {report['pods']:,} cache-managed pods (RSS of `stepcache run`)",
         "",
-        "| state | pods in the operator's watch | recorder queue | RSS (MiB) |",
-        "|---|---|---|---|",
+        "| state | pods in the operator's watch | recorder queue | RSS (MiB) | peak RSS so far (MiB) |",
+        "|---|---|---|---|---|",
     ]
     for state in report["states"]:
+        peak = state.get("peak_rss_mib")
         lines.append(
-            f"| {state['name']} | {state.get('watched', '–')} | {state.get('queued', '–')} | {state['rss_mib']:.1f} |"
+            f"| {state['name']} | {state.get('watched', '–')} | {state.get('queued', '–')} | {state['rss_mib']:.1f} | "
+            f"{'–' if peak is None else format(peak, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

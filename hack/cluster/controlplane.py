@@ -452,11 +452,13 @@ class ControlPlane:
         path: pathlib.Path | None = None,
         user: str = "token",
         namespace: str | None = None,
+        server: str | None = None,
     ) -> pathlib.Path:
-        """Write a kubeconfig that authenticates with a bearer token (e.g. from `create_token`)."""
+        """Write a kubeconfig that authenticates with a bearer token (e.g. from `create_token`); `server` replaces
+        the API server's URL (e.g. a proxy in front of it)."""
         return write_kubeconfig(
             path or self.workdir / f"{user}.kubeconfig",
-            server=self.server,
+            server=server or self.server,
             ca_pem=self.ca_pem,
             user=user,
             token=token,

@@ -50,7 +50,12 @@ def install_manifests(cp: controlplane.ControlPlane) -> None:
 
 
 class OperatorProcess:
-    """One `stepcache run` process against a control plane and a database; restartable."""
+    """One `stepcache run` process against a control plane and a database; restartable.
+
+    Several can run side by side, as the replicas of one Deployment: each has its own ports, and `replica_of` gives
+    a second one the first one's webhook certificate (one caBundle, one Service). `api_server` points the
+    process at another URL for kube-apiserver (a proxy in front of it).
+    """
 
     def __init__(
         self,
@@ -59,18 +64,22 @@ class OperatorProcess:
         database_url: str,
         workdir: pathlib.Path,
         env: Mapping[str, str] | None = None,
+        replica_of: OperatorProcess | None = None,
+        api_server: str | None = None,
     ) -> None:
         self._cp = cp
         self._database_url = database_url
         self._workdir = workdir
         self._extra_env = dict(env or {})
+        self._api_server = api_server
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file = workdir / "operator.log"
-        self.webhook_port = ports.free_port()
-        self.metrics_port = ports.free_port()
-        self.health_port = ports.free_port()
-        self.blob_port = ports.free_port()
+        self.webhook_port, self.metrics_port, self.health_port, self.blob_port = ports.free_ports(4)
         workdir.mkdir(parents=True, exist_ok=True)
+        if replica_of is not None:
+            self.ca_pem = replica_of.ca_pem
+            self.cert_file, self.key_file = replica_of.cert_file, replica_of.key_file
+            return
         ca = tls.make_ca("stepcache-webhook-ca")
         serving = tls.issue(
             ca, common_name="127.0.0.1", ip_addresses=["127.0.0.1"], dns_names=["localhost"], server=True
@@ -95,7 +104,9 @@ class OperatorProcess:
     def start(self, *, timeout: float = 60.0) -> None:
         """Start the operator as its ServiceAccount and wait until its webhook answers TLS."""
         token = self._cp.create_token(NAMESPACE, SERVICE_ACCOUNT, seconds=3600 * 6)
-        kubeconfig = self._cp.token_kubeconfig(token, path=self._workdir / "operator.kubeconfig", user="stepcache")
+        kubeconfig = self._cp.token_kubeconfig(
+            token, path=self._workdir / "operator.kubeconfig", user="stepcache", server=self._api_server
+        )
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("STEPCACHE_")},
             "KUBECONFIG": str(kubeconfig),
@@ -122,6 +133,13 @@ class OperatorProcess:
             controlplane.terminate([self._process])
             self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a node failure would end it: no cleanup handler runs. `start()` restarts it."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
     def _webhook_ready(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             raise RuntimeError(f"stepcache exited with {self._process.returncode}; log:\n{self.logs()[-4000:]}")
@@ -135,15 +153,16 @@ class OperatorProcess:
         except OSError:
             return False
 
-    def webhook_configuration(self) -> dict[str, Any]:
-        """The shipped MutatingWebhookConfiguration, pointed at this process."""
+    def webhook_configuration(self, *, port: int | None = None) -> dict[str, Any]:
+        """The shipped MutatingWebhookConfiguration, pointed at this process (or at `port`: a proxy in front of
+        several replicas sharing this one's certificate)."""
         config: dict[str, Any] = yaml.safe_load((MANIFESTS / "30-webhook.yaml").read_text())
         for webhook in config["webhooks"]:
             webhook["clientConfig"] = {
-                "url": f"https://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}",
+                "url": f"https://127.0.0.1:{port or self.webhook_port}{WEBHOOK_PATH}",
                 "caBundle": base64.b64encode(self.ca_pem).decode("ascii"),
             }
         return config
 
-    def register_webhook(self) -> None:
-        self._cp.kubectl("apply", "-f", "-", input=json.dumps(self.webhook_configuration()))
+    def register_webhook(self, *, port: int | None = None) -> None:
+        self._cp.kubectl("apply", "-f", "-", input=json.dumps(self.webhook_configuration(port=port)))

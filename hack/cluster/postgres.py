@@ -71,8 +71,12 @@ def find_binaries() -> pathlib.Path:
 class TempPostgres:
     """One disposable server. Use as a context manager, or call `start()` / `stop()` (again and again)."""
 
-    def __init__(self, base_dir: pathlib.Path, *, port: int | None = None) -> None:
+    def __init__(self, base_dir: pathlib.Path, *, port: int | None = None, crash_safe: bool = False) -> None:
+        """`crash_safe`: commits are acknowledged only once written (`synchronous_commit = on`), so a `crash()`
+        loses none — what a production server promises; the default acknowledges first, and a crash loses the last
+        fraction of a second of commits."""
         self.base_dir = base_dir.resolve()
+        self._crash_safe = crash_safe
         self.log_path = self.base_dir / "postgres.log"
         """The server's own output (appended across restarts)."""
         self._fixed_port = port is not None
@@ -144,7 +148,8 @@ class TempPostgres:
             if self._port is None:
                 self._port = ports.free_port()
             try:
-                self._pg_ctl("start", "-w", "-t", "60", "-o", f"-p {self._port}")
+                options = f"-p {self._port}" + (" -c synchronous_commit=on" if self._crash_safe else "")
+                self._pg_ctl("start", "-w", "-t", "60", "-o", options)
                 break
             except PostgresError:
                 # Another process may have taken the port between our probe and the server's bind.
@@ -160,6 +165,15 @@ class TempPostgres:
             return
         self.thaw()
         self._pg_ctl("stop", "-w", "-t", "60", "-m", "fast")
+
+    def crash(self) -> None:
+        """Stop the server as a crash would: every server process quits at once, open sessions are cut and nothing
+        is checkpointed (`pg_ctl stop -m immediate`). `start()` recovers from the log, with the same data and port;
+        only a `crash_safe` server keeps every commit it acknowledged."""
+        if not self.running:
+            return
+        self.thaw()
+        self._pg_ctl("stop", "-w", "-t", "60", "-m", "immediate")
 
     def freeze(self) -> None:
         """SIGSTOP every server process: connections stay open but nothing answers (a hung or partitioned server)."""

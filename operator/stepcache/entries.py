@@ -167,7 +167,11 @@ class Entries:
         return True
 
     async def list_all(self) -> list[dict[str, Any]]:
-        """Every CacheEntry in the cluster, page by page."""
+        """Every CacheEntry in the cluster, page by page, each cut down to what a reconcile compares.
+
+        The reconcile holds every object at once; whole objects (managedFields, labels, finalizers) cost ≈ 10 KB of
+        Python each, so 10,000 entries took the operator past 200 MiB once a minute.
+        """
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
@@ -186,7 +190,7 @@ class Entries:
                 ),
             )
             _expect(status, answer, "list cacheentries")
-            items.extend(answer.get("items") or [])
+            items.extend(_compared(item) for item in answer.get("items") or [])
             token = (answer.get("metadata") or {}).get("continue")
             if not token:
                 return items
@@ -297,6 +301,17 @@ def _watch_event(line: bytes) -> tuple[str, dict[str, Any]]:
             raise Gone()
         raise ApiError("watch pods", status=int(obj.get("code") or 0), reason=str(obj.get("message") or ""))
     return kind, obj
+
+
+def _compared(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What `cacheentry.plan` reads of a listed object: its identity, version, deletion, spec and status."""
+    metadata = obj.get("metadata") or {}
+    kept = {
+        name: metadata[name]
+        for name in ("namespace", "name", "resourceVersion", "deletionTimestamp")
+        if name in metadata
+    }
+    return {"metadata": kept, "spec": obj.get("spec"), "status": obj.get("status")}
 
 
 def _expect(status: int, answer: Any, operation: str) -> None:

@@ -33,8 +33,10 @@ async def connect() -> Kube:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         await config.load_kube_config(client_configuration=configuration)
-    # The recorder labels pods from concurrent handlers; a larger pool saves a TLS handshake per label under load.
-    configuration.connection_pool_maxsize = 16
+    # One connection per request in flight, so none waits for a free connection or a TLS handshake: the recorder's
+    # 16 recording slots, the mirror's 2 workers and 8 for its reconcile passes and CacheHit Events, and the
+    # watch of hit pods.
+    configuration.connection_pool_maxsize = 32
     return Kube(client.ApiClient(configuration))
 
 

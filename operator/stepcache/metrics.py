@@ -11,6 +11,7 @@ __all__ = [
     "ARTIFACTS_UNREPLAYABLE",
     "BLOBS_COLLECTED",
     "BLOB_REQUESTS",
+    "CACHEENTRY_DEFERRED",
     "CACHEENTRY_WRITES",
     "EVENTS",
     "EXPIRED",
@@ -41,7 +42,8 @@ RECORD_RETRIES = prometheus_client.Counter(
 )
 RECORD_STAGE_SECONDS = prometheus_client.Histogram(
     "stepcache_record_stage_seconds",
-    "Time spent in each stage of recording a pod: the row, the CacheEntry object and Event, the label.",
+    "Time spent in each stage of recording a pod: waiting for a recording slot (wait), the row, the label, and"
+    " afterwards, off the pod's path, its CacheEntry object and Recorded Event (mirror).",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
@@ -63,6 +65,10 @@ INVALIDATED = prometheus_client.Counter(
 )
 CACHEENTRY_WRITES = prometheus_client.Counter(
     "stepcache_cacheentry_writes", "Writes to CacheEntry objects, by operation.", ["operation"]
+)
+CACHEENTRY_DEFERRED = prometheus_client.Counter(
+    "stepcache_cacheentry_deferred",
+    "Just-recorded entries not shown at once because the queue was full (the reconcile creates their objects).",
 )
 EVENTS = prometheus_client.Counter("stepcache_events", "Kubernetes Events posted on pods, by reason.", ["reason"])
 

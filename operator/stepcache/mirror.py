@@ -3,7 +3,8 @@
 Postgres is the source of truth; objects are its view. Every write here happens off the webhook path, in background
 tasks or after a recording, and every one is safe to repeat or to lose:
 
-- a recording creates its object at once and posts `Recorded` on the pod; hits are counted in memory by the webhook,
+- a recording creates its object and posts `Recorded` on the pod right after the pod is labelled, from a small
+  background queue (never in the way of the label); hits are counted in memory by the webhook,
   written to the rows by the store's flusher, and copied from the rows to the objects' status every
   `status_interval` seconds — so a hot entry costs one status write per interval, never one per hit;
 - a periodic reconcile lists objects, then rows, and creates what is missing, fixes what is stale and deletes
@@ -45,7 +46,12 @@ _FIRST_DELAY = 0.5
 _MAX_DELAY = 30.0
 _FAILURES = (errors.StoreUnavailable, entries.ApiError, TimeoutError)
 _TIMEOUT = 10.0
-"""Seconds a recording may spend showing its entry (it delays the pod's label)."""
+"""Seconds one entry may spend being shown (its object and the Recorded Event)."""
+_RECORDED_BACKLOG = 10_000
+"""Just-recorded entries waiting to be shown; beyond this the reconcile creates their objects (no Recorded Event)."""
+_RECORDED_WORKERS = 2
+"""Entries shown at once: few, so that showing them never crowds out the recorder's own label writes on a busy API
+server (the objects are a view, a few seconds late at worst)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,17 +80,51 @@ class Mirror:
         self._instance = instance or socket.gethostname()
         self._written: dict[int, tuple[int, datetime.datetime | None]] = {}
         self._hit_pods: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._recorded: asyncio.Queue[tuple[cacheentry.PodRef, int]] = asyncio.Queue(maxsize=_RECORDED_BACKLOG)
 
     # -- after a recording --
+
+    def recorded_later(self, pod: Mapping[str, Any], *, entry_id: int) -> None:
+        """Queue showing a just-recorded entry (`recorded`) for the background workers; never blocks, never raises.
+
+        The recorder calls this once the pod is labelled, so showing the entry (three API writes) never delays the
+        label. What is lost if the process stops first, or the queue is full, is the `Recorded` Event: the object
+        itself is created by the next reconcile, which finds a row without one.
+        """
+        ref = _pod_ref(pod)
+        try:
+            self._recorded.put_nowait((ref, entry_id))
+        except asyncio.QueueFull:
+            metrics.CACHEENTRY_DEFERRED.inc()
+            log.warning("cacheentry_left_to_reconcile", pod=f"{ref.namespace}/{ref.name}", entry_id=entry_id)
+
+    async def recorded_forever(self) -> None:
+        """Show queued entries, a few at a time, until cancelled."""
+
+        async def work() -> None:
+            while True:
+                ref, entry_id = await self._recorded.get()
+                await self._show_recorded(ref, entry_id=entry_id)
+
+        workers = [asyncio.create_task(work()) for _ in range(_RECORDED_WORKERS)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def recorded(self, pod: Mapping[str, Any], *, entry_id: int) -> None:
         """Show a just-recorded entry as its object and post `Recorded` on the pod; never raises.
 
-        Called by the recorder before it labels the pod, so a crash in between replays this on the next delivery
-        (the object and the Event are then found to exist). Anything that fails here is left to the reconcile.
+        Safe to repeat (the object and the Event are then found to exist). Anything that fails here is left to the
+        reconcile.
         """
-        metadata = pod.get("metadata") or {}
-        ref = f"{metadata.get('namespace')}/{metadata.get('name')}"
+        await self._show_recorded(_pod_ref(pod), entry_id=entry_id)
+
+    async def _show_recorded(self, pod: cacheentry.PodRef, *, entry_id: int) -> None:
+        ref = f"{pod.namespace}/{pod.name}"
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(_TIMEOUT):
                 summary = await self._store.summary(entry_id)
@@ -92,7 +132,7 @@ class Mirror:
                     return  # deleted (or replaced) in between: nothing to show
                 target = await self._apply(summary)
                 await self._post(
-                    _pod_ref(pod),
+                    pod,
                     reason=cacheentry.RECORDED_REASON,
                     message=cacheentry.recorded_message(summary, object_name=target.name),
                     related=target,
@@ -101,6 +141,8 @@ class Mirror:
             log.warning("cacheentry_not_written", pod=ref, entry_id=entry_id, error=str(exc) or type(exc).__name__)
         except Exception:
             log.exception("cacheentry_write_crashed", pod=ref, entry_id=entry_id)
+        finally:
+            metrics.RECORD_STAGE_SECONDS.labels(stage="mirror").observe(time.perf_counter() - started)
 
     async def _apply(self, summary: model.EntrySummary) -> cacheentry.ObjectRef:
         """Create the entry's object, or bring an existing one's spec up to date; then write its status."""

@@ -13,6 +13,7 @@ it leaves the recorder's watch and is never re-examined into a record later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import heapq
 import time
@@ -41,6 +42,8 @@ log = logs.get(__name__)
 
 _ARGO_OUTPUT_ATTEMPTS = 10
 """How many times to wait for Argo's WorkflowTaskResult before giving up on a pod (outputs never guessed)."""
+_REMEMBERED_DONE = 10_000
+"""Uids of pods recorded or rejected lately, kept so that a redelivery is skipped (≈ 1 MB)."""
 _ARTIFACT_ATTEMPTS = 10
 """How many times to try reading an unreachable artifact repository before recording the step as not replayable."""
 
@@ -63,7 +66,6 @@ class _GiveUp(Exception):
 class _Recorded:
     entry_id: int
     row_seconds: float
-    mirror_seconds: float
     label_seconds: float
 
 
@@ -74,7 +76,8 @@ class _Pending:
     namespace: str
     name: str
     uid: str
-    attempt: int
+    attempts: int
+    """Attempts made so far; the next one is number `attempts` (from 0)."""
     due: float
 
 
@@ -84,6 +87,12 @@ class Recorder:
     Every failure is one of three kinds: retry (database down, API errors, anything unexpected — with backoff, the
     pod re-read from the API each time), reject for good (the pod cannot be trusted: its cache-id label is removed),
     or give up (retries ran out: counted, and the pod is looked at again by the next resync).
+
+    Memory stays bounded whatever arrives: at most `concurrency` pods are recorded at once and `max_waiting` more
+    wait for a turn (kopf holds each delivered pod until its handler returns); beyond that, and for as long as the
+    database is known to be down, a delivered pod is kept as a reference on the retry queue and read again when its
+    turn comes. While the database is down one attempt per `probe_interval` finds out whether it is back; the others
+    do not even read their pod. When it is back, every queued pod is due at once.
     """
 
     def __init__(
@@ -95,17 +104,30 @@ class Recorder:
         max_delay: float = 30.0,
         max_unexpected_attempts: int = 5,
         concurrency: int = 16,
+        max_waiting: int = 256,
+        probe_interval: float = 1.0,
     ) -> None:
         self._rt = rt
         self._max_pending = max_pending
         self._first_delay = first_delay
         self._max_delay = max_delay
         self._max_unexpected_attempts = max_unexpected_attempts
+        self._max_waiting = max_waiting
+        self._probe_interval = probe_interval
         self._pending: dict[str, _Pending] = {}
         self._due: list[tuple[float, str]] = []
         """A heap of (due, uid); entries whose uid is no longer pending at that time are skipped."""
         self._slots = asyncio.Semaphore(concurrency)
+        self._connections = asyncio.Semaphore(max(1, rt.settings.db_pool_size // 2))
+        """Row writes at once: at most half the pool, so the webhook's lookups always find a free connection."""
+        self._waiting = 0
         self._wakeup = asyncio.Event()
+        self._store_down = False
+        self._next_probe = 0.0
+        self._in_flight: set[str] = set()
+        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Uids this process recorded or rejected lately: a later delivery of the same pod (an event that crossed the
+        label, the resync) costs nothing. Bounded; a pod it forgot is simply checked again."""
         self._harvester = (
             None
             if rt.blobs is None
@@ -123,26 +145,55 @@ class Recorder:
         return len(self._pending)
 
     async def handle(self, pod: Mapping[str, Any]) -> None:
-        """Record one delivered pod, or queue it for a retry; never raises."""
-        uid = (pod.get("metadata") or {}).get("uid", "")
+        """Record one delivered pod, or queue it for a retry; never raises.
+
+        At most `concurrency` pods are recorded at once, the others wait in arrival order: with every delivered pod
+        in flight at once, their requests would interleave and all of them would finish late together.
+        """
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        if not _unrecorded(pod) or uid in self._done or uid in self._in_flight:
+            return  # recorded already (or a hit, or not Succeeded, or being recorded): nothing to wait for
         previous = self._pending.pop(uid, None)
-        await self._attempt(pod, attempt=previous.attempt + 1 if previous else 0)
+        attempts = previous.attempts if previous else 0
+        if self._store_known_down():
+            self._defer(pod, attempts=attempts, reason="store-unavailable", delay=self._delay(attempts))
+            return
+        if self._waiting >= self._max_waiting:
+            self._defer(pod, attempts=attempts, reason="busy", delay=self._first_delay)
+            return
+        received = time.time()
+        self._in_flight.add(uid)
+        try:
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                await self._attempt(pod, attempt=attempts, received=received)
+            finally:
+                self._slots.release()
+        finally:
+            self._in_flight.discard(uid)
 
     async def resync(self) -> int:
         """One pass over every Succeeded, still unrecorded pod of the opted-in namespaces; returns how many.
 
         kopf re-lists only at a start or after a 410, so a pod whose retries ran out, or that a full queue turned
         away, would wait for the next restart — and be lost if the pod is deleted first. This pass catches them
-        whatever went wrong, with one server-side-selected LIST (paginated).
+        whatever went wrong, with one server-side-selected LIST (paginated). It is skipped while the database is
+        known to be down: nothing could be recorded, and the queue holds the pods it knows of already.
         """
+        if self._store_down:
+            return 0
         seen = 0
         async for pod in self._rt.kube.unrecorded_succeeded_pods():
             metadata = pod.get("metadata") or {}
-            if metadata.get("namespace") not in self._rt.namespaces or metadata.get("uid") in self._pending:
+            uid = metadata.get("uid")
+            if metadata.get("namespace") not in self._rt.namespaces or uid in self._pending or uid in self._done:
                 continue
             seen += 1
-            async with self._slots:
-                await self.handle(pod)
+            await self.handle(pod)
         return seen
 
     async def run(self) -> None:
@@ -175,30 +226,42 @@ class Recorder:
 
     async def _retry(self, pending: _Pending) -> None:
         """Read the pod again (it may have changed, been recorded or deleted) and try once more."""
+        if pending.uid in self._in_flight or pending.uid in self._done:
+            return  # delivered again meanwhile: that delivery is the retry
+        self._in_flight.add(pending.uid)
+        try:
+            await self._retry_now(pending)
+        finally:
+            self._in_flight.discard(pending.uid)
+
+    async def _retry_now(self, pending: _Pending) -> None:
         ref = f"{pending.namespace}/{pending.name}"
+        if self._store_known_down():
+            # No read, no attempt: the pod waits its next turn (with backoff), as it is.
+            pending.attempts += 1
+            self._requeue(pending, delay=self._delay(pending.attempts))
+            return
+        received = time.time()
         try:
             pod = await self._rt.kube.read_pod(namespace=pending.namespace, name=pending.name)
         except Exception as exc:
-            pending.attempt += 1  # backs off like any retry; the resync looks again if this one runs out
-            if pending.attempt >= self._max_unexpected_attempts:
-                metrics.RECORD_GIVEN_UP.labels(reason="pod-unreadable").inc()
-                log.warning("record_given_up", pod=ref, reason="pod-unreadable", error=repr(exc))
-                return
-            self._schedule_ref(pending, reason="pod-unreadable", error=exc)
+            # Backs off like any retry (an API server that refuses reads for long must not be asked twice a second).
+            pending.attempts += 1
+            self._schedule_ref(pending, reason="pod-unreadable", delay=self._delay(pending.attempts), error=exc)
             return
         if pod is None or (pod.get("metadata") or {}).get("uid") != pending.uid:
             log.info("record_abandoned_pod_gone", pod=ref)
             return
-        await self._attempt(pod, attempt=pending.attempt + 1)
+        await self._attempt(pod, attempt=pending.attempts, received=received)
 
-    async def _attempt(self, pod: Mapping[str, Any], *, attempt: int) -> None:
+    async def _attempt(self, pod: Mapping[str, Any], *, attempt: int, received: float) -> None:
         metadata = pod.get("metadata") or {}
         ref = f"{metadata.get('namespace')}/{metadata.get('name')}"
         started_at = time.time()
         try:
             recorded = await self._record(pod, attempt=attempt)
         except _RetryLater as exc:
-            self._schedule(pod, attempt=attempt, reason=exc.reason)
+            self._defer(pod, attempts=attempt + 1, reason=exc.reason, delay=self._delay(attempt + 1))
             return
         except _GiveUp as exc:
             metrics.RECORD_GIVEN_UP.labels(reason=exc.reason).inc()
@@ -207,63 +270,110 @@ class Recorder:
         except Exception as exc:
             # Whatever it is (a dropped connection raises neither ApiException nor OSError), it is retried a few
             # times, then left to the resync: never silently dropped.
-            log.exception("record_failed", pod=ref, error=repr(exc), attempt=attempt)
+            log.exception("record_failed", pod=ref, error=_describe(exc), attempt=attempt)
             if attempt + 1 >= self._max_unexpected_attempts:
                 metrics.RECORD_GIVEN_UP.labels(reason="unexpected-error").inc()
                 return
-            self._schedule(pod, attempt=attempt, reason="unexpected-error")
+            self._defer(pod, attempts=attempt + 1, reason="unexpected-error", delay=self._delay(attempt + 1))
             return
+        self._remember_done(str(metadata.get("uid", "")))
         if recorded is not None:
-            # The stages, so a slow recording can be told apart: waiting for the handler, the row, the label.
+            # The stages, so a slow recording can be told apart: delivery (until `received_at`), waiting for a
+            # recording slot, the row, the label.
+            metrics.RECORD_STAGE_SECONDS.labels(stage="wait").observe(started_at - received)
             log.info(
                 "recorded",
                 pod=ref,
                 entry_id=recorded.entry_id,
                 attempt=attempt,
-                handler_started_at=round(started_at, 4),
+                received_at=round(received, 4),
+                wait_ms=round((started_at - received) * 1000, 2),
                 row_ms=round(recorded.row_seconds * 1000, 2),
-                mirror_ms=round(recorded.mirror_seconds * 1000, 2),
                 label_ms=round(recorded.label_seconds * 1000, 2),
             )
 
-    def _schedule(self, pod: Mapping[str, Any], *, attempt: int, reason: str) -> None:
+    def _remember_done(self, uid: str) -> None:
+        self._done[uid] = None
+        while len(self._done) > _REMEMBERED_DONE:
+            self._done.popitem(last=False)
+
+    def _delay(self, attempts: int) -> float:
+        """Seconds before the next attempt, after `attempts` failed ones: 0.5 s doubling up to 30 s."""
+        return min(self._max_delay, self._first_delay * 2.0 ** max(0, attempts - 1))
+
+    def _store_known_down(self) -> bool:
+        """True while the database is known to be down and it is not this caller's turn to find out whether it is
+        back (one probe per `probe_interval`)."""
+        if not self._store_down:
+            return False
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + self._probe_interval
+            return False
+        return True
+
+    def _store_is_down(self) -> None:
+        if not self._store_down:
+            log.warning("record_waiting_for_store")
+        self._store_down = True
+        self._next_probe = time.monotonic() + self._probe_interval
+
+    def _store_is_up(self) -> None:
+        if not self._store_down:
+            return
+        self._store_down = False
+        # Everything that waited for the database is due now, not at the end of its backoff.
+        log.info("record_store_back", pending=len(self._pending))
+        now = time.monotonic()
+        for pending in self._pending.values():
+            pending.due = now
+            heapq.heappush(self._due, (now, pending.uid))
+        self._wakeup.set()
+
+    def _defer(self, pod: Mapping[str, Any], *, attempts: int, reason: str, delay: float) -> None:
         metadata = pod.get("metadata") or {}
         pending = _Pending(
             namespace=str(metadata.get("namespace", "")),
             name=str(metadata.get("name", "")),
             uid=str(metadata.get("uid", "")),
-            attempt=attempt,
+            attempts=attempts,
             due=0.0,
         )
-        self._schedule_ref(pending, reason=reason)
+        self._schedule_ref(pending, reason=reason, delay=delay)
 
-    def _schedule_ref(self, pending: _Pending, *, reason: str, error: BaseException | None = None) -> None:
+    def _schedule_ref(
+        self, pending: _Pending, *, reason: str, delay: float, error: BaseException | None = None
+    ) -> None:
         ref = f"{pending.namespace}/{pending.name}"
         metrics.RECORD_RETRIES.labels(reason=reason).inc()
-        if len(self._pending) >= self._max_pending and pending.uid not in self._pending:
+        if not self._requeue(pending, delay=delay):
             # Turned away, not lost: the pod keeps its empty cache-id, so the next resync delivers it again.
             metrics.RECORD_GIVEN_UP.labels(reason="retry-queue-full").inc()
             log.warning("retry_queue_full", pod=ref)
             return
-        delay = min(self._max_delay, self._first_delay * 2**pending.attempt)
-        pending.due = time.monotonic() + delay
-        self._pending[pending.uid] = pending
-        heapq.heappush(self._due, (pending.due, pending.uid))
-        self._wakeup.set()
         log.info(
             "record_retry_scheduled",
             pod=ref,
             reason=reason,
-            attempt=pending.attempt,
+            attempt=pending.attempts,
             delay=delay,
-            error=None if error is None else repr(error),
+            error=None if error is None else _describe(error),
         )
+
+    def _requeue(self, pending: _Pending, *, delay: float) -> bool:
+        """Put the reference on the retry queue; False when the queue is full."""
+        if len(self._pending) >= self._max_pending and pending.uid not in self._pending:
+            return False
+        pending.due = time.monotonic() + delay
+        self._pending[pending.uid] = pending
+        heapq.heappush(self._due, (pending.due, pending.uid))
+        self._wakeup.set()
+        return True
 
     async def _record(self, pod: Mapping[str, Any], *, attempt: int) -> _Recorded | None:
         rt = self._rt
         metadata = pod.get("metadata") or {}
-        labels = metadata.get("labels") or {}
-        if labels.get(mutation.CACHE_ID) != "" or (pod.get("status") or {}).get("phase") != "Succeeded":
+        if not _unrecorded(pod):
             return None  # already recorded (or a hit, or not ours): nothing to do, nothing to report
         namespace = metadata.get("namespace", "")
         annotations = metadata.get("annotations") or {}
@@ -272,6 +382,7 @@ class Recorder:
         try:
             provenance = await self._provenance(pod, namespace=namespace)
         except errors.StoreUnavailable as exc:
+            self._store_is_down()
             raise _RetryLater("store-unavailable") from exc
         key = _verified_key(
             rt, pod, namespace=namespace, key_value=key_value, key_containers=key_containers, provenance=provenance
@@ -293,7 +404,8 @@ class Recorder:
                 )
                 entry = harvested.apply(entry) if harvested is not None else entry
             before_row = time.perf_counter()
-            entry_id = await rt.store.record(entry)
+            async with self._connections:
+                entry_id = await rt.store.record(entry)
             row_seconds = time.perf_counter() - before_row
             if harvested is not None and rt.blobs is not None:
                 await rt.blobs.store_locations(scope=entry.namespace, located=harvested.located(entry_id=entry_id))
@@ -302,18 +414,14 @@ class Recorder:
             raise _RetryLater(exc.reason) from exc
         except errors.StoreUnavailable as exc:
             log.warning("record_store_unavailable", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
+            self._store_is_down()
             raise _RetryLater("store-unavailable") from exc
         except errors.Uncacheable as exc:
             await self._reject(pod, reason="uncacheable", detail=exc.reason)
             return None
+        self._store_is_up()
         metrics.RECORDED.inc()
         metrics.RECORD_STAGE_SECONDS.labels(stage="row").observe(row_seconds)
-        before_mirror = time.perf_counter()
-        if rt.mirror is not None:
-            # Before the label: a crash in between replays it on the next delivery (it never raises).
-            await rt.mirror.recorded(pod, entry_id=entry_id)
-        mirror_seconds = time.perf_counter() - before_mirror
-        metrics.RECORD_STAGE_SECONDS.labels(stage="mirror").observe(mirror_seconds)
         before_label = time.perf_counter()
         try:
             await rt.kube.label_cache_id(
@@ -321,13 +429,15 @@ class Recorder:
             )
         except Exception as exc:
             # The row exists; the label is retried so the pod stops being delivered as unrecorded.
-            log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=str(exc))
+            log.warning("label_failed", pod=f"{namespace}/{metadata.get('name')}", error=_describe(exc))
             raise _RetryLater("label-failed") from exc
         label_seconds = time.perf_counter() - before_label
         metrics.RECORD_STAGE_SECONDS.labels(stage="label").observe(label_seconds)
-        return _Recorded(
-            entry_id=entry_id, row_seconds=row_seconds, mirror_seconds=mirror_seconds, label_seconds=label_seconds
-        )
+        if rt.mirror is not None:
+            # After the label, in the background: the object is a view, and its three API writes would otherwise
+            # hold up the label of every pod behind this one. A crash before it runs is repaired by the reconcile.
+            rt.mirror.recorded_later(pod, entry_id=entry_id)
+        return _Recorded(entry_id=entry_id, row_seconds=row_seconds, label_seconds=label_seconds)
 
     async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
         """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""
@@ -339,7 +449,7 @@ class Recorder:
             await self._rt.kube.clear_cache_id(namespace=namespace, name=name, uid=metadata.get("uid", ""))
         except Exception as exc:
             # Still labelled: rejected again on the next delivery, which costs a check and writes nothing.
-            log.warning("unlabel_failed", pod=f"{namespace}/{name}", error=str(exc))
+            log.warning("unlabel_failed", pod=f"{namespace}/{name}", error=_describe(exc))
             raise _RetryLater("unlabel-failed") from exc
 
     async def _provenance(self, pod: Mapping[str, Any], *, namespace: str) -> artifacts.Resolved:
@@ -380,6 +490,18 @@ class Recorder:
         if attempt + 1 >= _ARGO_OUTPUT_ATTEMPTS:
             raise _GiveUp("argo-outputs-never-completed")
         raise _RetryLater("argo-outputs-pending")
+
+
+def _unrecorded(pod: Mapping[str, Any]) -> bool:
+    """A Succeeded pod admitted as a miss and not labelled with an entry yet: what the recorder is for."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(mutation.CACHE_ID) == "" and (pod.get("status") or {}).get("phase") == "Succeeded"
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for a log line: its type and message (`repr` of an ApiException says neither its status nor why)."""
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _verified_key(

@@ -46,6 +46,9 @@ _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)  #
 
 _MAINTENANCE_TIMEOUT = 30.0
 """Seconds; bounds work off the request path (migrations, expiry, hit flushes, close), which may take longer."""
+_RECORD_TIMEOUT = 5.0
+"""Seconds; bounds one recording's row write. Off the request path, so not the webhook's tight bound: under load a
+write that waits a little for the server must not time out, be retried and cost a new connection."""
 _CONNECT_TIMEOUT = 5.0
 """Seconds; a new connection may take longer than one query (TLS, auth), and the pool's background refill uses it."""
 _MIGRATION_LOCK = 0x5354455043414348
@@ -406,7 +409,7 @@ class Store:
             raise errors.StoreUnavailable(f"record: the row for {entry.cache_key} kept disappearing")
 
         try:
-            return await self._call("record", run)
+            return await self._call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
         except errors.StoreUnavailable as exc:
             refused = _unstorable_text(exc)
             if refused is not None:

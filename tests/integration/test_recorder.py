@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import operator
 import pathlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -240,6 +241,62 @@ async def test_a_pod_whose_row_was_written_but_never_labelled_gets_that_row_s_id
 
     assert [row["id"] for row in await rows(db)] == [entry_id]
     assert operator_writes(cluster) == [label_write(pod, entry_id)]
+
+
+def retries(reason: str) -> float:
+    value = prometheus_client.REGISTRY.get_sample_value("stepcache_record_retries_total", {"reason": reason})
+    return value or 0.0
+
+
+def reads(cluster: harness.Emulator, pod: Mapping[str, Any]) -> int:
+    """How often the operator read this one pod (GET), as a retry does before trying again."""
+    path = f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}"
+    return sum(
+        1
+        for request in list(cluster)
+        if request.method == kmock.method.GET
+        and request.url.path == path
+        and not next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "").startswith("kmock/")
+    )
+
+
+async def test_pods_that_succeed_while_the_table_is_unreachable_are_read_again_and_recorded_once_it_is_back(
+    launcher: harness.Launcher, cluster: harness.Emulator, cache_url: str, db: Connection
+) -> None:
+    first = succeeded_pod("train-29sl4-x7k2m")
+    second = succeeded_pod("train-8fk2p-a9d3c", version="2")
+    before = retries("store-unavailable")
+    # Every statement on the table fails at once, as when the database is down (but faster than a timeout).
+    await db.execute("ALTER TABLE cache_entries RENAME TO cache_entries_away")
+    away = True
+    try:
+        async with running(launcher, cache_url):
+            await harness.create(cluster, first)
+
+            async def deferred() -> float:
+                return retries("store-unavailable") - before
+
+            await harness.eventually(deferred, until=lambda n: n >= 1)
+            # Known to be down now: the next pod waits on the queue without a statement of its own.
+            await harness.create(cluster, second)
+            await harness.eventually(deferred, until=lambda n: n >= 2)
+            await db.execute("ALTER TABLE cache_entries_away RENAME TO cache_entries")
+            away = False
+            first_id = await recorded_id(cluster, first)
+            second_id = await recorded_id(cluster, second)
+    finally:
+        if away:
+            await db.execute("ALTER TABLE cache_entries_away RENAME TO cache_entries")
+
+    assert [(row["id"], row["source_pod"]) for row in await rows(db)] == sorted(
+        [(first_id, "train-29sl4-x7k2m"), (second_id, "train-8fk2p-a9d3c")]
+    )
+    # Waiting pods were kept as references: each was read again from the API before it was recorded.
+    assert reads(cluster, first) >= 1
+    assert reads(cluster, second) >= 1
+    by_path = operator.itemgetter(1)
+    expected = [label_write(first, first_id), label_write(second, second_id)]
+    assert sorted(operator_writes(cluster), key=by_path) == sorted(expected, key=by_path)
 
 
 # --- refusals --------------------------------------------------------------------------------------------------------
