@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration e2e seeded lint deps system-deps control-plane argo bench clean
+.PHONY: demo test unit integration e2e seeded fuzz lint deps system-deps control-plane argo bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,6 +51,15 @@ seeded: deps system-deps
 		echo "PYTHONHASHSEED=$$seed"; \
 		PYTHONHASHSEED=$$seed $(VENV)/bin/pytest $(SEEDED_TESTS) -q -p no:cacheprovider || exit 1; \
 	done
+
+# The fuzz tests run in `make test` with 10,000 examples in all, derandomized; this runs them with FUZZ_EXAMPLES
+# (a million by default), random, so each run explores further. docs/development.md, "Fuzzing".
+FUZZ_EXAMPLES ?= 1000000
+FUZZ_TESTS := tests/integration/test_fuzz_admission.py tests/integration/test_fuzz_webhook.py tests/unit/test_fuzz_cli.py
+
+fuzz: deps system-deps
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest $(FUZZ_TESTS) -q -p no:cacheprovider --timeout=0 \
+		--hypothesis-show-statistics
 
 test: deps control-plane argo lint seeded
 	$(VENV)/bin/pytest tests -q -p no:cacheprovider

@@ -12,7 +12,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from stepcache import argo, artifacts, blobs, errors, keys, logs, metrics, model, mutation, runtime, signing, staleness
+from stepcache import (
+    argo,
+    artifacts,
+    blobs,
+    errors,
+    keys,
+    logs,
+    metrics,
+    model,
+    mutation,
+    runtime,
+    shapes,
+    signing,
+    staleness,
+)
 
 __all__ = ["Verdict", "decide"]
 
@@ -61,12 +75,21 @@ def _failed_open(pod: Mapping[str, Any], *, warning: str) -> Verdict:
 
 
 async def _decide(rt: runtime.Runtime, pod: Mapping[str, Any], *, dryrun: bool) -> Verdict:
+    # The readers below take the Pod schema's types; only a direct POST can break them (the API server decodes a
+    # Pod into its typed struct), and then the pod runs uncached with the field named, like any unkeyable pod.
+    for field, reason in shapes.problems(pod, shapes.POD):
+        metrics.ADMISSION_FAILURES.labels(reason="malformed-pod").inc()
+        log.info("malformed_pod", pod=_pod_ref(pod), field=field, reason=reason)
+        return Verdict(
+            outcome="uncacheable",
+            patch=mutation.skip_patch(pod),
+            warnings=(f"{_PREFIX}{field} {reason}; the pod runs uncached",),
+        )
     metadata = pod.get("metadata") or {}
     namespace = metadata.get("namespace") or ""
     if namespace not in rt.namespaces:
         return Verdict(outcome="skip", patch=mutation.skip_patch(pod))
-    reason = keys.skip_reason(pod)
-    if reason is not None:
+    if keys.skip_reason(pod) is not None:
         return Verdict(outcome="skip", patch=mutation.skip_patch(pod))
     if _is_signed_hit(rt, pod, namespace=namespace):
         # Re-invocation (or a copy) of a pod stepcache already turned into a replay: leave it as it is.

@@ -7,15 +7,16 @@ Argo, as the annotation `workflows.argoproj.io/template`. Keys, replays and outp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from stepcache import errors
+from stepcache import errors, shapes
 
 __all__ = [
     "ARGS_FILE_ENV",
     "MAIN_CONTAINER",
+    "MAX_TEMPLATE_DEPTH",
+    "MAX_TEMPLATE_LENGTH",
     "PER_RUN_ANNOTATIONS",
     "PER_RUN_ENV",
     "PER_RUN_LABELS",
@@ -37,6 +38,10 @@ TEMPLATE_ANNOTATION = "workflows.argoproj.io/template"
 NODE_ID_ANNOTATION = "workflows.argoproj.io/node-id"
 OUTPUTS_ANNOTATION = "workflows.argoproj.io/outputs"
 MAIN_CONTAINER = "main"
+MAX_TEMPLATE_LENGTH = 1024 * 1024
+"""Characters; a pod the API server stores holds less (Argo >= 3.6 moves a template over 128 KiB into a ConfigMap)."""
+MAX_TEMPLATE_DEPTH = 64
+"""Arrays and objects inside each other; Argo's own templates stay within about a dozen."""
 
 PER_RUN_ENV = frozenset(
     {
@@ -78,8 +83,9 @@ def is_argo(pod: Mapping[str, Any]) -> bool:
 def template(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     """The pod's Argo template, or None for a non-Argo pod.
 
-    Raises `Uncacheable` when the template is offloaded to a ConfigMap, is not valid JSON, comes from anything but
-    a literal env value, or when the pod carries two templates that differ (each argoexec reads its own copy, so
+    Raises `Uncacheable` when the template is offloaded to a ConfigMap, is not valid JSON (or too large, too deeply
+    nested, or of another shape than Argo's schema gives the fields stepcache reads), comes from anything but a
+    literal env value, or when the pod carries two templates that differ (each argoexec reads its own copy, so
     one step would run under a template the key did not see): such a step runs uncached rather than being keyed
     from partial information.
     """
@@ -108,12 +114,19 @@ def template(pod: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _parse(raw: str) -> dict[str, Any]:
+    """The template, bounded in size and nesting before it is parsed, and of the shape its readers take."""
+    if len(raw) > MAX_TEMPLATE_LENGTH:
+        raise errors.Uncacheable(f"the Argo template is larger than {MAX_TEMPLATE_LENGTH} characters")
     try:
-        parsed = json.loads(raw)
+        parsed = shapes.loads(raw, max_depth=MAX_TEMPLATE_DEPTH)
+    except shapes.TooDeep as exc:
+        raise errors.Uncacheable(f"the Argo template is {exc}") from None
     except ValueError as exc:
         raise errors.Uncacheable(f"the Argo template is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise errors.Uncacheable("the Argo template is not a JSON object")
+    for field, reason in shapes.problems(parsed, shapes.ARGO_TEMPLATE):
+        raise errors.Uncacheable(f"the Argo template's {field} {reason}")
     return parsed
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from stepcache import errors
+from stepcache import errors, shapes
 
 __all__ = ["MAX_BYTES", "Loaded", "load_pod", "pod_shape_problems"]
 
@@ -98,7 +98,9 @@ def _first_line(exc: Exception) -> str:
 
 
 def _check_size(document: Any, *, source: str) -> None:
-    """Bound what later code walks: aliases share nodes, so a small file can stand for a huge tree."""
+    """Bound what later code walks (aliases share nodes, so a small file can stand for a huge tree), and refuse
+    what JSON cannot hold, which YAML can: keys that are not strings, and text that is not Unicode (a `\\ud800`
+    escape stands for half a UTF-16 surrogate pair)."""
     count = 0
     stack: list[tuple[Any, int]] = [(document, 0)]
     while stack:
@@ -109,56 +111,31 @@ def _check_size(document: Any, *, source: str) -> None:
         if depth > _MAX_DEPTH:
             raise errors.InvalidDocument(source, None, f"nested more than {_MAX_DEPTH} levels deep")
         if isinstance(value, Mapping):
+            for key in value:
+                if not isinstance(key, str):
+                    raise errors.InvalidDocument(source, None, f"holds a key that is not a string: {key!r}")
+                _check_text(key, source=source)
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_text(value, source=source)
+
+
+def _check_text(text: str, *, source: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidDocument(source, None, "holds text that is not Unicode (a lone surrogate)") from None
 
 
 # --- shape -----------------------------------------------------------------------------------------------------------
 
-_STRING_LISTS = ("command", "args")
-_OBJECT_LISTS = ("env", "envFrom", "volumeMounts", "volumeDevices", "ports")
-
 
 def pod_shape_problems(pod: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(field, reason) for every field the key reads whose type is not the one the API server would accept."""
-    metadata = pod.get("metadata", {})
-    if not isinstance(metadata, Mapping):
-        yield "metadata", "must be an object"
-        return
-    for field in ("labels", "annotations"):
-        values = metadata.get(field)
-        if values is None:
-            continue
-        if not isinstance(values, Mapping):
-            yield f"metadata.{field}", "must be an object"
-        elif any(not isinstance(v, str) for v in values.values()):
-            yield f"metadata.{field}", "values must be strings"
-    spec = pod.get("spec", {})
-    if not isinstance(spec, Mapping):
-        yield "spec", "must be an object"
-        return
-    for group in ("initContainers", "containers", "volumes"):
-        if not _list_of(spec.get(group), Mapping):
-            yield f"spec.{group}", "must be a list of objects"
-            return
-    for group in ("initContainers", "containers"):
-        for index, container in enumerate(spec.get(group) or []):
-            where = f"spec.{group}[{index}]"
-            if not isinstance(container.get("name"), str):
-                yield f"{where}.name", "must be a string"
-            for field in _STRING_LISTS:
-                if not _list_of(container.get(field), str):
-                    yield f"{where}.{field}", "must be a list of strings"
-            for field in _OBJECT_LISTS:
-                if not _list_of(container.get(field), Mapping):
-                    yield f"{where}.{field}", "must be a list of objects"
-            for field in ("image", "workingDir"):
-                value = container.get(field)
-                if value is not None and not isinstance(value, str):
-                    yield f"{where}.{field}", "must be a string"
+    """(field, reason) for every field the key reads whose type is not the one the API server would accept.
 
-
-def _list_of(value: Any, kind: type) -> bool:
-    """Absent, or a list whose every item is a `kind`."""
-    return value is None or (isinstance(value, list) and all(isinstance(item, kind) for item in value))
+    The same check the webhook makes (`shapes.POD`): what passes it, the key can be computed from.
+    """
+    return shapes.problems(pod, shapes.POD)

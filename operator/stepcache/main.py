@@ -36,6 +36,7 @@ from stepcache import (
     runtime,
     signing,
     store,
+    webhook,
 )
 
 __all__ = ["FINALIZER", "WEBHOOK_ID", "answer_with_own_json_patch", "build_registry", "run"]
@@ -133,7 +134,8 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: config.Settin
     kopf_settings.watching.field_selectors[_POD_SELECTOR] = "status.phase=Succeeded"
     kopf_settings.watching.label_selectors[_NAMESPACE_SELECTOR] = f"{keys.ENABLED_LABEL}=true"
     kopf_settings.admission.managed = None  # we ship our own MutatingWebhookConfiguration (manifests/)
-    kopf_settings.admission.server = kopf.WebhookServer(
+    # kopf's server with a body limit big enough for any pod the API server stores, and an answer for every body.
+    kopf_settings.admission.server = webhook.WebhookServer(
         addr=settings.webhook_host,
         port=settings.webhook_port,
         certfile=str(settings.webhook_cert_file),

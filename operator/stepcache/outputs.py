@@ -23,6 +23,7 @@ __all__ = [
     "task_result_name",
     "task_result_of",
     "termination_messages",
+    "unstorable",
 ]
 
 REPORT_OUTPUTS_COMPLETED = "workflows.argoproj.io/report-outputs-completed"
@@ -135,7 +136,7 @@ def new_entry(
         started_at = min(starts, default=None)
     duration = None if started_at is None else max(0.0, (finished_at - started_at).total_seconds())
 
-    return model.NewEntry(
+    entry = model.NewEntry(
         namespace=scope if isinstance(scope, str) and scope else source_namespace,
         cache_key=cache_key,
         termination_messages=termination_messages(pod),
@@ -150,6 +151,69 @@ def new_entry(
         step=cacheentry.step_of(pod),
         images=cacheentry.images_of(pod),
     )
+    flaw = unstorable(entry)
+    if flaw is not None:
+        raise errors.Uncacheable(flaw)
+    return entry
+
+
+def unstorable(entry: model.NewEntry) -> str | None:
+    """Why the database cannot store the entry, naming where; None when it can.
+
+    Postgres refuses a NUL character (`\\u0000`) in JSONB and in text, and text that is not Unicode (a lone UTF-16
+    surrogate) cannot even be sent. Refusing it here makes that a permanent outcome with a reason, where the
+    database's error would look like an outage and be retried for ever. Storing an escaped form instead would not
+    help: a replay hands each value to its script in an environment variable, which cannot hold a NUL, so it could
+    not give back the bytes the step produced.
+    """
+    places: list[tuple[str, Any]] = [
+        *((f"the termination message of container {name!r}", m) for name, m in entry.termination_messages.items()),
+    ]
+    if entry.argo_outputs is not None:
+        parameters = entry.argo_outputs.get("parameters") or {}
+        places += [(f"output parameter {name!r}", value) for name, value in parameters.items()]
+        places.append(("the Argo result", entry.argo_outputs.get("result")))
+    places += [
+        ("the key material", entry.key_material),
+        ("the step name", entry.step),
+        ("the image list", list(entry.images)),
+        ("the source pod", [entry.namespace, entry.source_namespace, entry.source_pod, entry.source_uid]),
+    ]
+    for where, value in places:
+        for path, flaw in _text_flaws(value):
+            at = f"{where} at {path}" if path else where
+            return f"unstorable-output: {at} {flaw}, which the database cannot store"
+    return None
+
+
+def _text_flaws(value: Any) -> Iterator[tuple[str, str]]:
+    """(path, flaw) of every string in a JSON value (object keys too) that the database refuses; never recurses."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            flaw = _flaw(item)
+            if flaw is not None:
+                yield path, flaw
+        elif isinstance(item, Mapping):
+            for name, child in item.items():
+                flaw = _flaw(str(name))
+                if flaw is not None:
+                    yield f"{path}.{name!r}" if path else repr(name), flaw
+                stack.append((f"{path}.{name}" if path else str(name), child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(item))
+
+
+def _flaw(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (text that is not Unicode)"
+    return None
 
 
 def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:

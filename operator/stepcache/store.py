@@ -55,6 +55,12 @@ _MIGRATION_LOCK = 0x5354455043414348
 """pg_advisory_lock key ("STEPCACH"): one migrator per database at a time."""
 _MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_[a-z0-9_]+\.sql$")
 _RECORD_ATTEMPTS = 3
+_UNSTORABLE_TEXT: tuple[type[BaseException], ...] = (
+    asyncpg.UntranslatableCharacterError,  # \u0000 in JSONB
+    asyncpg.CharacterNotInRepertoireError,  # NUL in text
+    UnicodeEncodeError,  # a lone surrogate: not even sent (the driver's DataError wraps it)
+)
+"""What Postgres (or the driver) says of text it cannot store: the same entry fails the same way every time."""
 
 _ENTRY_COLUMNS = (
     "id, namespace, cache_key, termination_messages, argo_outputs, source_pod, finished_at, duration_seconds"
@@ -370,7 +376,8 @@ class Store:
     async def record(self, entry: model.NewEntry) -> int:
         """Store a pod's result unless a result that finished no earlier is stored; return the row's id either way.
 
-        The id is stable: a replacement updates the row in place.
+        The id is stable: a replacement updates the row in place. Text the database refuses (a NUL character, see
+        `outputs.unstorable`, which callers check first) raises `Uncacheable`: retrying would fail the same way.
         """
         args = (
             entry.namespace,
@@ -401,7 +408,13 @@ class Store:
                 # Expired or deleted in between: insert again.
             raise errors.StoreUnavailable(f"record: the row for {entry.cache_key} kept disappearing")
 
-        return await self._call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
+        try:
+            return await self._call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
+        except errors.StoreUnavailable as exc:
+            refused = _unstorable_text(exc)
+            if refused is not None:
+                raise errors.Uncacheable(f"unstorable-output: {_describe(refused)}") from exc
+            raise
 
     def note_hit(self, entry_id: int) -> None:
         """Count a hit without touching the database; a background task writes the counts about once a second."""
@@ -678,6 +691,16 @@ def _selection_args(selection: Selection) -> tuple[Any, ...]:
 def _affected(status: str) -> int:
     """Rows touched, from a command tag such as `DELETE 3`."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+def _unstorable_text(exc: BaseException) -> BaseException | None:
+    """The database's (or the driver's) refusal of the text itself, if that is what caused `exc`."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, _UNSTORABLE_TEXT):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -34,24 +34,26 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_the_demo_kept_running_stops_every_process_it_started(signum: signal.Signals) -> None:
-    demo = subprocess.Popen(
+    lines: list[str] = []
+    with subprocess.Popen(
         [sys.executable, "-m", "hack.demo", "--keep"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    try:
-        wait_for(lambda: any("Press Ctrl-C to stop" in line for line in lines), 240, "the demo to keep running")
-        work = next(m.group(1) for line in lines if (m := re.search(r"work directory: (\S+)", line)))
-        assert processes_mentioning(work), "the demo's processes should be running before the signal"
-        demo.send_signal(signum)
-        assert demo.wait(timeout=60) in (0, 130)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
+    ) as demo:
+        assert demo.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        try:
+            wait_for(lambda: any("Press Ctrl-C to stop" in line for line in lines), 240, "the demo to keep running")
+            work = next(m.group(1) for line in lines if (m := re.search(r"work directory: (\S+)", line)))
+            assert processes_mentioning(work), "the demo's processes should be running before the signal"
+            demo.send_signal(signum)
+            assert demo.wait(timeout=60) in (0, 130)
+            reader.join(timeout=10)  # the pipe is at its end once the demo has exited
+        finally:
+            if demo.poll() is None:
+                demo.kill()
     wait_for(lambda: not processes_mentioning(work), 30, f"every process under {work} to stop")

@@ -14,7 +14,7 @@ import operator
 import pathlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 import kmock
@@ -22,7 +22,7 @@ import prometheus_client
 import pytest
 import yaml
 
-from stepcache import keys, mutation, outputs, references, signing, store
+from stepcache import config, keys, kube, mutation, outputs, recorder, references, runtime, signing, store
 from tests.integration import operator_harness as harness
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
@@ -367,3 +367,48 @@ async def test_a_pod_that_fails_a_check_is_rejected_for_good_and_nothing_is_reco
     assert await rows(db) == []
     # The only write takes the pod out of the recorder's watch, so it is never re-examined into a record.
     assert operator_writes(cluster) == [unlabel_write(pod)]
+
+
+# --- the resync ------------------------------------------------------------------------------------------------------
+
+
+class _ListingKube:
+    """The two API calls a resync makes: the server-side-selected LIST, and the label PATCH it leads to."""
+
+    def __init__(self, pods: list[dict[str, Any]]) -> None:
+        self.pods = pods
+        self.labelled: list[tuple[str, int]] = []
+
+    async def unrecorded_succeeded_pods(self) -> AsyncIterator[dict[str, Any]]:
+        for pod in self.pods:
+            yield pod
+
+    async def label_cache_id(self, *, namespace: str, name: str, uid: str, entry_id: int) -> bool:
+        self.labelled.append((name, entry_id))
+        return True
+
+
+async def test_the_resync_records_a_succeeded_pod_no_watch_event_delivered(cache: store.Store, db: Connection) -> None:
+    # Whatever dropped it (a full retry queue, retries run out, an error of any class), the LIST finds it again.
+    pod = succeeded_pod("train-29sl4-x7k2m")
+    elsewhere = succeeded_pod("train-29sl4-other")
+    elsewhere["metadata"]["namespace"] = "not-opted-in"
+    listing = _ListingKube([pod, elsewhere])
+    namespaces = runtime.OptedInNamespaces()
+    namespaces.add(NAMESPACE)
+    rt = runtime.Runtime(
+        settings=config.Settings(database_url="postgresql://unused"),
+        store=cache,
+        kube=cast(kube.Kube, listing),
+        signing_key=harness.SIGNING_KEY,
+        namespaces=namespaces,
+        key_options=keys.KeyOptions(),
+        replay_options=mutation.ReplayOptions(cache_image="busybox:1.36.1"),
+        references=REFERENCES,
+    )
+
+    assert await recorder.Recorder(rt).resync() == 1
+
+    [row] = await rows(db)
+    assert (row["source_pod"], row["cache_key"]) == ("train-29sl4-x7k2m", expected_key(pod))
+    assert listing.labelled == [("train-29sl4-x7k2m", row["id"])]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import io
+import json
 import pathlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import aiohttp
@@ -21,8 +23,9 @@ import asyncpg
 import pytest
 import yaml
 from hack.cluster import postgres as cluster_postgres
+from kopf._core.engines import admission as kopf_admission
 
-from stepcache import keys, model, mutation, references, signing, store
+from stepcache import keys, model, mutation, references, signing, store, webhook
 from tests.integration import operator_harness as harness
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
@@ -399,7 +402,7 @@ async def test_a_review_without_an_object_is_refused_without_a_server_error_and_
     assert_signed_miss(pod, harness.patched(pod, response))
 
 
-async def test_a_pod_that_breaks_stepcache_is_admitted_unchanged_with_a_warning(
+async def test_a_pod_of_a_shape_no_api_server_sends_is_admitted_unchanged_with_a_warning_naming_the_field(
     operator: harness.Operator, client: aiohttp.ClientSession
 ) -> None:
     pod = load_pod()
@@ -409,4 +412,202 @@ async def test_a_pod_that_breaks_stepcache_is_admitted_unchanged_with_a_warning(
 
     assert response["allowed"] is True
     assert "patch" not in response
-    assert [w for w in response["warnings"] if "internal error" in w], response["warnings"]
+    assert response["warnings"] == ["stepcache: spec.containers must be a list of objects; the pod runs uncached"]
+
+
+# --- bodies that are not what the API server sends -------------------------------------------------------------------
+
+
+def envelope(request: Any) -> dict[str, Any]:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+
+
+def edited_request(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    request = harness.admission_request(load_pod())
+    edit(request)
+    return envelope(request)
+
+
+def json_body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+MALFORMED: dict[str, bytes] = {
+    "a list": b"[1]",
+    "a string": b'"review"',
+    "no request": json_body({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}),
+    "another kind": json_body({**envelope(harness.admission_request(load_pod())), "kind": "Pod"}),
+    "a request that is a string": json_body(envelope("x")),
+    "no resource": json_body(edited_request(lambda r: r.pop("resource"))),
+    "a resource that is a string": json_body(edited_request(lambda r: r.update(resource="pods"))),
+    "a uid that is a number": json_body(edited_request(lambda r: r.update(uid=5))),
+    "no user info": json_body(edited_request(lambda r: r.pop("userInfo"))),
+    "an operation that is a list": json_body(edited_request(lambda r: r.update(operation=["CREATE"]))),
+    "an object that is a list": json_body(edited_request(lambda r: r.update(object=[1]))),
+    "neither object nor old object": json_body(edited_request(lambda r: r.update(object=None))),
+    "dryRun that is a string": json_body(edited_request(lambda r: r.update(dryRun="yes"))),
+    "nesting deeper than Python's recursion": b"[" * 100_000 + b"]" * 100_000,
+    "NaN": json_body(envelope(harness.admission_request(load_pod()))).replace(b'"CREATE"', b"NaN"),
+    "not UTF-8": b'{"apiVersion": "\xff"}',
+    "a lone surrogate": json_body(edited_request(lambda r: r["object"]["metadata"].update(name="\ud800"))),
+    "a number too long for Python's int": b'{"a": ' + b"1" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=list(MALFORMED))
+async def test_a_body_that_is_not_an_admission_review_is_a_bad_request_and_serving_goes_on(
+    operator: harness.Operator, client: aiohttp.ClientSession, body: bytes
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    async with client.post(operator.webhook_url, data=body, headers=headers) as answer:
+        assert answer.status == 400, await answer.text()
+        assert (await answer.text()).startswith(("not an AdmissionReview: ", "the body is not"))
+
+    pod = load_pod()
+    response = await harness.review(client, operator, harness.admission_request(pod))
+    assert_signed_miss(pod, harness.patched(pod, response))
+
+
+def update(request: dict[str, Any]) -> None:
+    request.update(operation="UPDATE", oldObject=copy.deepcopy(request["object"]))
+
+
+def delete(request: dict[str, Any]) -> None:
+    request.update(operation="DELETE", oldObject=request["object"], object=None)
+
+
+def configmap(request: dict[str, Any]) -> None:
+    request.update(resource={"group": "", "version": "v1", "resource": "configmaps"})
+
+
+def binding(request: dict[str, Any]) -> None:
+    request.update(subResource="binding")
+
+
+@pytest.mark.parametrize(
+    ("edit", "warning"),
+    [
+        (update, "only pod CREATE is handled, not UPDATE"),
+        (delete, "only pod CREATE is handled, not DELETE"),
+        (configmap, "only pods are handled, not configmaps"),
+        (binding, "only pods are handled, not pods/binding"),
+    ],
+    ids=["update", "delete", "configmap", "subresource"],
+)
+async def test_a_review_that_is_not_a_pod_create_is_allowed_unchanged_with_a_warning(
+    operator: harness.Operator, client: aiohttp.ClientSession, edit: Callable[[dict[str, Any]], None], warning: str
+) -> None:
+    pod = load_pod()
+    pod["metadata"]["labels"][mutation.HIT] = "true"  # not even this is touched: stepcache does not act here
+    request = harness.admission_request(pod)
+    edit(request)
+
+    response = await harness.review(client, operator, request)
+
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert response["warnings"] == [f"stepcache: {warning}; admitted unchanged"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "warning"),
+    [
+        ("x", "metadata must be an object"),
+        (["a"], "metadata must be an object"),
+        (None, "metadata must be an object"),
+        ({"name": "a", "uid": [None]}, "metadata.uid must be a string"),
+        ({"name": {"a": 1}}, "metadata.name must be a string"),
+    ],
+)
+async def test_a_pod_whose_metadata_kopf_cannot_read_is_allowed_with_a_warning_naming_the_field(
+    operator: harness.Operator, client: aiohttp.ClientSession, metadata: Any, warning: str
+) -> None:
+    request = harness.admission_request(load_pod())
+    request["object"]["metadata"] = metadata
+
+    response = await harness.review(client, operator, request)
+
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert response["warnings"] == [f"stepcache: {warning}; the pod runs uncached"]
+
+
+async def test_a_pod_of_the_wrong_shape_still_loses_the_stepcache_names_its_author_wrote(
+    operator: harness.Operator, client: aiohttp.ClientSession
+) -> None:
+    pod = load_pod()
+    pod["metadata"]["uid"] = ["not", "a", "string"]
+    pod["metadata"]["labels"][mutation.HIT] = "true"
+
+    response = await harness.review(client, operator, harness.admission_request(pod))
+
+    assert response["allowed"] is True
+    assert harness.patched(pod, response) == without_stepcache_names(pod)
+    assert response["warnings"] == ["stepcache: metadata.uid must be a string; the pod runs uncached"]
+
+
+async def test_a_pod_over_aiohttps_default_1_mib_is_keyed(
+    operator: harness.Operator, client: aiohttp.ClientSession
+) -> None:
+    pod = load_pod()
+    pod["metadata"]["annotations"]["example.com/notes"] = "n" * (3 * 1024 * 1024 - 100_000)
+    request = harness.admission_request(pod)
+    headers = {"Content-Type": "application/json"}
+
+    # A file-like body: aiohttp warns (an error here) about sending megabytes of raw bytes at once.
+    body = io.BytesIO(json_body(envelope(request)))
+    async with client.post(operator.webhook_url, data=body, headers=headers) as answer:
+        assert answer.status == 200, await answer.text()
+        response = (await answer.json())["response"]
+
+    assert response["allowed"] is True
+    assert_signed_miss(pod, harness.patched(pod, response))
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    operator: harness.Operator, client: aiohttp.ClientSession
+) -> None:
+    pod = load_pod()
+    pod["metadata"]["annotations"]["example.com/notes"] = "n" * webhook.MAX_REVIEW_BYTES
+    headers = {"Content-Type": "application/json"}
+
+    body = io.BytesIO(json_body(envelope(harness.admission_request(pod))))
+    async with client.post(operator.webhook_url, data=body, headers=headers) as answer:
+        assert answer.status == 413
+
+
+async def test_when_kopf_itself_fails_the_pod_is_allowed_without_the_stepcache_names_its_author_wrote(
+    operator: harness.Operator, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(**_: Any) -> Any:
+        raise RuntimeError("a bug in kopf")
+
+    monkeypatch.setattr(kopf_admission, "build_response", broken)
+    pod = load_pod()
+    pod["metadata"]["labels"][mutation.HIT] = "true"
+
+    response = await harness.review(client, operator, harness.admission_request(pod))
+
+    assert response["allowed"] is True
+    assert harness.patched(pod, response) == without_stepcache_names(pod)
+    assert response["warnings"] == ["stepcache: internal error (RuntimeError); the pod runs uncached"]
+
+
+async def test_a_denial_from_kopf_itself_is_turned_into_an_allowed_pod(
+    operator: harness.Operator, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_response = kopf_admission.build_response
+
+    def denying(**kwargs: Any) -> Any:
+        response = build_response(**kwargs)
+        response["response"].update(allowed=False, status={"message": "kopf says no", "code": 500})
+        return response
+
+    monkeypatch.setattr(kopf_admission, "build_response", denying)
+    pod = load_pod()
+
+    response = await harness.review(client, operator, harness.admission_request(pod))
+
+    assert response["allowed"] is True
+    assert "status" not in response
+    assert harness.patched(pod, response) == without_stepcache_names(pod)

@@ -142,15 +142,21 @@ async def test_an_internal_error_still_removes_the_stepcache_names_the_user_wrot
     }
 
 
-@pytest.mark.parametrize("metadata", ["not a map", ["a"], {"labels": "x", "annotations": 3}])
-async def test_a_pod_of_any_shape_is_admitted_with_a_warning(metadata: Any) -> None:
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [("not a map", "metadata"), (["a"], "metadata"), ({"labels": "x", "annotations": 3}, "metadata.labels")],
+)
+async def test_a_pod_of_any_shape_is_admitted_uncached_with_a_warning_naming_the_field(
+    metadata: Any, field: str
+) -> None:
     pod = load_pod()
     pod["metadata"] = metadata
 
     verdict = await admission.decide(make_runtime(FakeStore(broken)), pod, dryrun=False)
 
-    assert verdict.outcome in {"error", "skip"}
+    assert verdict.outcome == "uncacheable"
     assert verdict.patch == {}
+    assert [w for w in verdict.warnings if w.startswith(f"stepcache: {field} must be an object")], verdict.warnings
 
 
 async def test_when_even_the_skip_patch_fails_the_pod_is_admitted_unchanged_with_two_warnings(

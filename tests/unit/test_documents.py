@@ -51,18 +51,25 @@ def test_an_admission_review_gives_its_object_and_the_requests_namespace() -> No
         ("kind: Deployment", "kind", "holds a 'Deployment', not a Pod or an AdmissionReview"),
         ("kind: AdmissionReview\nrequest: {}", "request.object", "the AdmissionReview holds no object"),
         ("metadata: []", "metadata", "must be an object"),
-        ("metadata: {labels: {a: 1}}", "metadata.labels", "values must be strings"),
+        ("metadata: {labels: {a: 1}}", "metadata.labels['a']", "must be a string"),
         ("spec: {containers: {}}", "spec.containers", "must be a list of objects"),
         (
             "spec: {containers: [{name: a, command: echo hi}]}",
             "spec.containers[0].command",
             "must be a list of strings",
         ),
-        ("spec: {containers: [{name: a, args: [1]}]}", "spec.containers[0].args", "must be a list of strings"),
-        ("spec: {containers: [{name: a, env: [x]}]}", "spec.containers[0].env", "must be a list of objects"),
+        ("spec: {containers: [{name: a, args: [1]}]}", "spec.containers[0].args[0]", "must be a string"),
+        ("spec: {containers: [{name: a, env: [x]}]}", "spec.containers[0].env[0]", "must be an object"),
         ("spec: {initContainers: [{name: 7}]}", "spec.initContainers[0].name", "must be a string"),
         ("spec: {containers: [{name: a, image: [x]}]}", "spec.containers[0].image", "must be a string"),
         ("v: !!binary aGVsbG8=", None, "not YAML or JSON: binary values have no place in a Pod"),
+        ('metadata: {name: "\\ud800"}', None, "holds text that is not Unicode (a lone surrogate)"),
+        ("metadata: {labels: {1: a}}", None, "holds a key that is not a string: 1"),
+        (
+            "spec: {containers: [{name: a, env: [{name: X, valueFrom: {fieldRef: {2: b}}}]}]}",
+            None,
+            "holds a key that is not a string: 2",
+        ),
     ],
 )
 def test_malformed_input_names_the_field_and_the_reason(text: str | bytes, field: str | None, reason: str) -> None:

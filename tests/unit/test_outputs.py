@@ -215,3 +215,60 @@ def test_a_task_result_owned_by_another_workflow_is_not_the_pods() -> None:
     assert not outputs.task_result_of(result, pod)
     result["metadata"]["ownerReferences"][0]["uid"] = "wf-1"
     assert outputs.task_result_of(result, pod)
+
+
+# --- what the database cannot store -----------------------------------------------------------------------------------
+
+
+def test_a_nul_in_a_termination_message_is_unstorable_for_good_naming_the_container() -> None:
+    pod = load("job-pod-succeeded")
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "rows\x0042"
+
+    with pytest.raises(errors.Uncacheable) as caught:
+        outputs.new_entry(pod, cache_key="k", key_material=MATERIAL, task_result=None)
+
+    assert caught.value.reason == (
+        "unstorable-output: the termination message of container 'train' holds a NUL character (\\u0000), "
+        "which the database cannot store"
+    )
+
+
+@pytest.mark.parametrize(
+    ("outputs_", "where"),
+    [
+        ({"parameters": [{"name": "length", "value": "9\x00"}]}, "output parameter 'length'"),
+        ({"parameters": [{"name": "length", "value": "9"}], "result": "\x00"}, "the Argo result"),
+    ],
+)
+def test_a_nul_in_an_argo_output_is_unstorable_naming_it(outputs_: dict[str, Any], where: str) -> None:
+    pod = load("argo-3.6-pod-succeeded")
+    task_result = load("argo-3.6-taskresult")
+    task_result["outputs"] = outputs_
+
+    with pytest.raises(errors.Uncacheable, match=f"^unstorable-output: {where} holds a NUL"):
+        outputs.new_entry(pod, cache_key="k", key_material=MATERIAL, task_result=task_result)
+
+
+def test_a_nul_in_the_key_material_is_unstorable_naming_its_path() -> None:
+    material = {**MATERIAL, "containers": [{"name": "train", "args": ["a", "b\x00"]}]}
+
+    with pytest.raises(errors.Uncacheable, match=r"^unstorable-output: the key material at containers\[0\]\.args\[1\]"):
+        outputs.new_entry(load("job-pod-succeeded"), cache_key="k", key_material=material, task_result=None)
+
+
+def test_text_that_is_not_unicode_is_unstorable_too() -> None:
+    pod = load("job-pod-succeeded")
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "half a pair: \ud83d"
+
+    with pytest.raises(errors.Uncacheable, match="lone surrogate"):
+        outputs.new_entry(pod, cache_key="k", key_material=MATERIAL, task_result=None)
+
+
+def test_other_control_characters_and_any_unicode_are_stored_as_they_are() -> None:
+    message = "\x01\x1f\x7f tab\t nl\n é 漢字 🙂 \u2028"
+    pod = load("job-pod-succeeded")
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = message
+
+    entry = outputs.new_entry(pod, cache_key="k", key_material=MATERIAL, task_result=None)
+
+    assert entry.termination_messages["train"] == message
