@@ -245,8 +245,11 @@ class Recorder:
         try:
             pod = await self._rt.kube.read_pod(namespace=pending.namespace, name=pending.name)
         except Exception as exc:
-            # Backs off like any retry (an API server that refuses reads for long must not be asked twice a second).
-            pending.attempts += 1
+            pending.attempts += 1  # backs off like any retry; the resync looks again if this one runs out
+            if pending.attempts >= self._max_unexpected_attempts:
+                metrics.RECORD_GIVEN_UP.labels(reason="pod-unreadable").inc()
+                log.warning("record_given_up", pod=ref, reason="pod-unreadable", error=_describe(exc))
+                return
             self._schedule_ref(pending, reason="pod-unreadable", delay=self._delay(pending.attempts), error=exc)
             return
         if pod is None or (pod.get("metadata") or {}).get("uid") != pending.uid:

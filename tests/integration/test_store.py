@@ -30,6 +30,8 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in 
 SMALL_TIMEOUT = 0.5
 MARGIN = 0.3
 """Scheduling slack on a shared machine; far below what a hang would take."""
+RECORD_TIMEOUT = 5.0
+"""store.record's own bound (seconds), whatever the store's timeout below it."""
 DEADLINE = 15.0
 
 
@@ -457,7 +459,9 @@ async def test_a_server_that_stops_answering_fails_calls_within_the_timeout(
         assert isinstance(failed_lookup.__cause__, TimeoutError)
         assert lookup_took < SMALL_TIMEOUT + MARGIN
         assert isinstance(failed_record, errors.StoreUnavailable)
-        assert record_took < SMALL_TIMEOUT + MARGIN
+        # A row write is off the request path and has a bound of its own (5 s): not the webhook's tight one, which
+        # under load made writes time out, retry and reconnect.
+        assert SMALL_TIMEOUT < record_took < RECORD_TIMEOUT + MARGIN
 
         found = await eventually(lambda: recovered(cache, key("step")), lambda entry: entry is not None)
         assert found is not None
