@@ -158,6 +158,7 @@ async def one_run(
         watcher.cancel()
         # The CacheEntry objects are written after the labels now: their CPU counts too.
         mirrored = await _wait_mirrored(api, namespace, count)
+        mirrored_after = time.time() - started
         cpu = {name: common.cpu_seconds(pids) - cpu_before[name] for name, pids in cpu_pids.items()}
         flow = flow_control_since(flow_before, await flow_control(api))
         rows = await _rows(st.db.url, namespace)
@@ -180,6 +181,7 @@ async def one_run(
         "stages_ms": stages,
         "flow_control": flow,
         "cacheentries": mirrored,
+        "cacheentries_after_s": round(mirrored_after, 1),
         "cpu_ms_per_pod": {name: round(seconds / count * 1000, 2) for name, seconds in cpu.items()},
         "watch_relists": len(watch_restarts),
         "errors": len(errors) + (count - len(rows)),
@@ -206,7 +208,17 @@ def _stages(
     assert st.operator is not None
     uid_by_ref = {f"{namespace}/{pod['metadata']['name']}": uid for uid, pod in by_uid.items()}
     stages: dict[str, list[float]] = {
-        name: [] for name in ("patch_answered", "sent_to_handler", "wait", "row", "mirror", "label", "label_to_seen")
+        name: []
+        for name in (
+            "patch_answered",
+            "sent_to_handler",
+            "wait",
+            "row",
+            "mirror",
+            "label",
+            "label_to_seen",
+            "succeeded_to_labelled",
+        )
     }
     for line in st.operator.logs().splitlines():
         try:
@@ -228,6 +240,10 @@ def _stages(
         stages["label"].append(float(record["label_ms"]))
         if uid in labelled:
             stages["label_to_seen"].append((labelled[uid] - received) * 1000 - spent)
+        if uid in answered and "labelled_at" in record:
+            # The recorder's lag proper: from the moment the API server holds the pod as Succeeded (its status
+            # PATCH answered) to the moment the operator's label PATCH is answered.
+            stages["succeeded_to_labelled"].append((float(record["labelled_at"]) - answered[uid]) * 1000)
     return {name: common.summarize(values) for name, values in stages.items() if values}
 
 

@@ -179,12 +179,16 @@ def recorder_table(data: dict[str, Any]) -> str:
             "CPU time per recorded pod (ms; from the first status PATCH until every pod is labelled and has its"
             " CacheEntry):",
             "",
-            "| run | " + " | ".join(names) + " | CacheEntries |",
-            "|---|" + "---|" * (len(names) + 1),
+            "| run | " + " | ".join(names) + " | CacheEntries | all shown after (s) |",
+            "|---|" + "---|" * (len(names) + 2),
         ]
         for run in costs:
             cells = [f"{run['cpu_ms_per_pod'][name]:.2f}" for name in names]
-            lines.append(f"| {run['name']} | " + " | ".join(cells) + f" | {run.get('cacheentries', '–')} |")
+            shown = run.get("cacheentries_after_s")
+            lines.append(
+                f"| {run['name']} | " + " | ".join(cells) + f" | {run.get('cacheentries', '–')} | "
+                f"{'–' if shown is None else format(shown, '.1f')} |"
+            )
     flows = [run for run in report["runs"] if run.get("flow_control")]
     if flows:
         lines += [
@@ -211,6 +215,7 @@ _STAGE_NAMES = {
     "mirror": "CacheEntry + Event (before the label)",
     "label": "label PATCH",
     "label_to_seen": "label written → seen",
+    "succeeded_to_labelled": "**Succeeded → labelled** (status PATCH answered → label PATCH answered)",
 }
 
 

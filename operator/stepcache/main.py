@@ -265,6 +265,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
         memo["runtime"] = rt
         memo["recorder"] = rec
         view: mirror.Mirror = rt.mirror  # type: ignore[assignment]  # build_runtime always sets it
+        view.yield_to(rec.quiet)
         memo["tasks"] = [
             asyncio.create_task(rec.run(), name="stepcache-record-retries"),
             asyncio.create_task(view.expire_forever(), name="stepcache-expiry"),

@@ -3,8 +3,9 @@
 Postgres is the source of truth; objects are its view. Every write here happens off the webhook path, in background
 tasks or after a recording, and every one is safe to repeat or to lose:
 
-- a recording creates its object and posts `Recorded` on the pod right after the pod is labelled, from a small
-  background queue (never in the way of the label); hits are counted in memory by the webhook,
+- a recording creates its object and posts `Recorded` on the pod after the pod is labelled, from a small
+  background queue that waits while the recorder is busy (at most `_MAX_HOLD` seconds), so it never competes with
+  the labels; hits are counted in memory by the webhook,
   written to the rows by the store's flusher, and copied from the rows to the objects' status every
   `status_interval` seconds — so a hot entry costs one status write per interval, never one per hit;
 - a periodic reconcile lists objects, then rows, and creates what is missing, fixes what is stale and deletes
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import socket
@@ -51,7 +53,9 @@ _RECORDED_BACKLOG = 10_000
 """Just-recorded entries waiting to be shown; beyond this the reconcile creates their objects (no Recorded Event)."""
 _RECORDED_WORKERS = 2
 """Entries shown at once: few, so that showing them never crowds out the recorder's own label writes on a busy API
-server (the objects are a view, a few seconds late at worst)."""
+server."""
+_MAX_HOLD = 30.0
+"""Seconds a just-recorded entry may wait for the recorder to fall quiet before it is shown anyway."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,7 +84,17 @@ class Mirror:
         self._instance = instance or socket.gethostname()
         self._written: dict[int, tuple[int, datetime.datetime | None]] = {}
         self._hit_pods: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._recorded: asyncio.Queue[tuple[cacheentry.PodRef, int]] = asyncio.Queue(maxsize=_RECORDED_BACKLOG)
+        self._recorded: asyncio.Queue[tuple[cacheentry.PodRef, int, float]] = asyncio.Queue(maxsize=_RECORDED_BACKLOG)
+        self._recorder_quiet: asyncio.Event | None = None
+
+    def yield_to(self, recorder_quiet: asyncio.Event) -> None:
+        """Hold just-recorded entries back until `recorder_quiet` is set (no pod being recorded).
+
+        Showing an entry costs three API writes, and two watch events back; on an API server short of CPU they
+        would delay the next pods' labels, which are what makes results reusable at once. The objects are a view:
+        they may come a little later (at most `_MAX_HOLD` seconds) without anyone waiting on them.
+        """
+        self._recorder_quiet = recorder_quiet
 
     # -- after a recording --
 
@@ -93,7 +107,7 @@ class Mirror:
         """
         ref = _pod_ref(pod)
         try:
-            self._recorded.put_nowait((ref, entry_id))
+            self._recorded.put_nowait((ref, entry_id, time.monotonic()))
         except asyncio.QueueFull:
             metrics.CACHEENTRY_DEFERRED.inc()
             log.warning("cacheentry_left_to_reconcile", pod=f"{ref.namespace}/{ref.name}", entry_id=entry_id)
@@ -103,7 +117,8 @@ class Mirror:
 
         async def work() -> None:
             while True:
-                ref, entry_id = await self._recorded.get()
+                ref, entry_id, queued_at = await self._recorded.get()
+                await self._hold(queued_at)
                 await self._show_recorded(ref, entry_id=entry_id)
 
         workers = [asyncio.create_task(work()) for _ in range(_RECORDED_WORKERS)]
@@ -113,6 +128,16 @@ class Mirror:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _hold(self, queued_at: float) -> None:
+        """Wait until the recorder is quiet, or the entry has waited `_MAX_HOLD` seconds."""
+        quiet = self._recorder_quiet
+        remaining = _MAX_HOLD - (time.monotonic() - queued_at)
+        if quiet is None or quiet.is_set() or remaining <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await quiet.wait()
 
     async def recorded(self, pod: Mapping[str, Any], *, entry_id: int) -> None:
         """Show a just-recorded entry as its object and post `Recorded` on the pod; never raises.

@@ -67,6 +67,8 @@ class _Recorded:
     entry_id: int
     row_seconds: float
     label_seconds: float
+    labelled_at: float
+    """When the label PATCH was answered (epoch seconds): from then on the pod shows its entry."""
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -125,6 +127,8 @@ class Recorder:
         self._store_down = False
         self._next_probe = 0.0
         self._in_flight: set[str] = set()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
         """Uids this process recorded or rejected lately: a later delivery of the same pod (an event that crossed the
         label, the resync) costs nothing. Bounded; a pod it forgot is simply checked again."""
@@ -143,6 +147,17 @@ class Recorder:
     def pending(self) -> int:
         """Pods waiting for a retry."""
         return len(self._pending)
+
+    @property
+    def quiet(self) -> asyncio.Event:
+        """Set while no pod is being recorded or waits for a slot: other API writes hold back until then."""
+        return self._quiet
+
+    def _note_activity(self) -> None:
+        if self._in_flight or self._waiting:
+            self._quiet.clear()
+        else:
+            self._quiet.set()
 
     async def handle(self, pod: Mapping[str, Any]) -> None:
         """Record one delivered pod, or queue it for a retry; never raises.
@@ -163,6 +178,7 @@ class Recorder:
             return
         received = time.time()
         self._in_flight.add(uid)
+        self._note_activity()
         try:
             self._waiting += 1
             try:
@@ -175,6 +191,7 @@ class Recorder:
                 self._slots.release()
         finally:
             self._in_flight.discard(uid)
+            self._note_activity()
 
     async def resync(self) -> int:
         """One pass over every Succeeded, still unrecorded pod of the opted-in namespaces; returns how many.
@@ -229,10 +246,12 @@ class Recorder:
         if pending.uid in self._in_flight or pending.uid in self._done:
             return  # delivered again meanwhile: that delivery is the retry
         self._in_flight.add(pending.uid)
+        self._note_activity()
         try:
             await self._retry_now(pending)
         finally:
             self._in_flight.discard(pending.uid)
+            self._note_activity()
 
     async def _retry_now(self, pending: _Pending) -> None:
         ref = f"{pending.namespace}/{pending.name}"
@@ -293,6 +312,7 @@ class Recorder:
                 wait_ms=round((started_at - received) * 1000, 2),
                 row_ms=round(recorded.row_seconds * 1000, 2),
                 label_ms=round(recorded.label_seconds * 1000, 2),
+                labelled_at=round(recorded.labelled_at, 4),
             )
 
     def _remember_done(self, uid: str) -> None:
@@ -440,7 +460,9 @@ class Recorder:
             # After the label, in the background: the object is a view, and its three API writes would otherwise
             # hold up the label of every pod behind this one. A crash before it runs is repaired by the reconcile.
             rt.mirror.recorded_later(pod, entry_id=entry_id)
-        return _Recorded(entry_id=entry_id, row_seconds=row_seconds, label_seconds=label_seconds)
+        return _Recorded(
+            entry_id=entry_id, row_seconds=row_seconds, label_seconds=label_seconds, labelled_at=time.time()
+        )
 
     async def _reject(self, pod: Mapping[str, Any], *, reason: str, detail: str | None = None) -> None:
         """Reject the pod for good: count it, say why, and take it out of the watch by removing its cache-id label."""

@@ -427,6 +427,63 @@ async def test_a_recording_creates_its_object_with_status_and_posts_one_recorded
     assert [e["reason"] for e in mirrored.fake.events.values()] == ["Recorded"]
 
 
+def created_at(fake: FakeEntries) -> dict[str, float]:
+    """Wrap the fake's `create` to note when each object was created (monotonic seconds, by name)."""
+    times: dict[str, float] = {}
+    create = fake.create
+
+    async def noting(obj: Mapping[str, Any]) -> bool:
+        times.setdefault(obj["metadata"]["name"], time.monotonic())
+        return await create(obj)
+
+    fake.create = noting  # type: ignore[method-assign]
+    return times
+
+
+async def test_while_the_recorder_stays_busy_a_recorded_entry_is_shown_only_after_the_hold(
+    mirrored: MirrorUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "_MAX_HOLD", 1.0)
+    times = created_at(mirrored.fake)
+    entry = new_entry()
+    entry_id = await mirrored.cache.record(entry)
+    mirrored.mirror.yield_to(asyncio.Event())  # never set: pods are being recorded all along
+    workers = asyncio.create_task(mirrored.mirror.recorded_forever())
+    try:
+        queued = time.monotonic()
+        mirrored.mirror.recorded_later(pod_of(entry), entry_id=entry_id)
+        name = f"train-{key('step')[:12]}"
+        await eventually(lambda: asyncio.sleep(0, times), lambda t: name in t)
+    finally:
+        workers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await workers
+    assert times[name] - queued >= 1.0
+    assert [e["reason"] for e in mirrored.fake.events.values()] == ["Recorded"]
+
+
+async def test_a_held_entry_is_shown_as_soon_as_the_recorder_falls_quiet(mirrored: MirrorUnderTest) -> None:
+    times = created_at(mirrored.fake)
+    entry = new_entry()
+    entry_id = await mirrored.cache.record(entry)
+    quiet = asyncio.Event()
+    mirrored.mirror.yield_to(quiet)
+    workers = asyncio.create_task(mirrored.mirror.recorded_forever())
+    try:
+        mirrored.mirror.recorded_later(pod_of(entry), entry_id=entry_id)
+        for _ in range(20):  # round trips to the database: time a worker that did not hold would use to show it
+            await mirrored.cache.summary(entry_id)
+        assert times == {}
+        quiet.set()
+        name = f"train-{key('step')[:12]}"
+        await eventually(lambda: asyncio.sleep(0, times), lambda t: name in t)  # well within the 30 s hold
+    finally:
+        workers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await workers
+    assert mirrored.fake.objects[("team-a", name)]["status"]["hits"] == 0
+
+
 async def test_many_hits_cost_one_status_write_per_pass(mirrored: MirrorUnderTest, db: Connection) -> None:
     entry_id = await mirrored.cache.record(new_entry())
     await mirrored.mirror.reconcile()

@@ -7,6 +7,7 @@ request the operator sent is in kmock's log; the tests' own requests carry kmock
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import json
@@ -412,3 +413,44 @@ async def test_the_resync_records_a_succeeded_pod_no_watch_event_delivered(cache
     [row] = await rows(db)
     assert (row["source_pod"], row["cache_key"]) == ("train-29sl4-x7k2m", expected_key(pod))
     assert listing.labelled == [("train-29sl4-x7k2m", row["id"])]
+
+
+class _GatedKube(_ListingKube):
+    """Holds every label PATCH until `gate` is set, so a recording can be watched while it is in flight."""
+
+    def __init__(self, pods: list[dict[str, Any]]) -> None:
+        super().__init__(pods)
+        self.gate = asyncio.Event()
+        self.patching = asyncio.Event()
+
+    async def label_cache_id(self, *, namespace: str, name: str, uid: str, entry_id: int) -> bool:
+        self.patching.set()
+        await self.gate.wait()
+        return await super().label_cache_id(namespace=namespace, name=name, uid=uid, entry_id=entry_id)
+
+
+async def test_the_recorder_is_quiet_only_while_no_pod_is_being_recorded(cache: store.Store) -> None:
+    # The CacheEntry writes wait for `quiet`, so that they never compete with a label on a busy API server.
+    pod = succeeded_pod("train-29sl4-q1w2e")
+    gated = _GatedKube([pod])
+    rt = runtime.Runtime(
+        settings=config.Settings(database_url="postgresql://unused"),
+        store=cache,
+        kube=cast(kube.Kube, gated),
+        signing_key=harness.SIGNING_KEY,
+        namespaces=runtime.OptedInNamespaces(),
+        key_options=keys.KeyOptions(),
+        replay_options=mutation.ReplayOptions(cache_image="busybox:1.36.1"),
+        references=REFERENCES,
+    )
+    rec = recorder.Recorder(rt)
+    assert rec.quiet.is_set()
+
+    recording = asyncio.create_task(rec.handle(pod))
+    await asyncio.wait_for(gated.patching.wait(), timeout=15)
+    assert not rec.quiet.is_set()
+
+    gated.gate.set()
+    await asyncio.wait_for(recording, timeout=15)
+    assert rec.quiet.is_set()
+    assert [name for name, _ in gated.labelled] == ["train-29sl4-q1w2e"]
