@@ -34,7 +34,8 @@ RECORD_REJECTED = prometheus_client.Counter(
 )
 RECORD_GIVEN_UP = prometheus_client.Counter(
     "stepcache_record_given_up",
-    "Succeeded pods left unrecorded after their retries ran out (re-examined at the next start), by reason.",
+    "Succeeded pods left unrecorded for now (retries ran out, or the retry queue was full), by reason; the next"
+    " resync looks at them again.",
     ["reason"],
 )
 RECORD_RETRIES = prometheus_client.Counter(

@@ -199,9 +199,11 @@ class Recorder:
         kopf re-lists only at a start or after a 410, so a pod whose retries ran out, or that a full queue turned
         away, would wait for the next restart — and be lost if the pod is deleted first. This pass catches them
         whatever went wrong, with one server-side-selected LIST (paginated). It is skipped while the database is
-        known to be down: nothing could be recorded, and the queue holds the pods it knows of already.
+        known to be down and pods wait on the queue: nothing could be recorded, and their retries find out when it
+        is back. With the queue empty (its pods deleted meanwhile), nothing else would: the pass goes on, and its
+        first pod finds out.
         """
-        if self._store_down:
+        if self._store_down and self._pending:
             return 0
         seen = 0
         async for pod in self._rt.kube.unrecorded_succeeded_pods():

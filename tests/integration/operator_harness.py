@@ -52,10 +52,13 @@ __all__ = [
     "WebhookTLS",
     "admission_request",
     "create",
+    "delete",
     "emulated_cluster",
     "eventually",
     "label_namespace",
+    "merge_patch",
     "namespace",
+    "object_path",
     "patched",
     "review",
     "running_operator",
@@ -112,6 +115,8 @@ class Emulator(kmock.KubernetesEmulator):
     - Resource versions for list-then-watch: kmock's watch starts by replaying every object, so each object a LIST
       just returned is delivered a second time. Here a LIST returns the current revision and a WATCH from it replays
       only the objects changed since, then streams; without this, a restarted operator would see each pod twice.
+
+    And one thing a network does: a connection cut in the middle of a request (`cut_next`).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -119,8 +124,24 @@ class Emulator(kmock.KubernetesEmulator):
         clock = _Clock()
         self._clock = clock
         self._buses = collections.defaultdict(lambda: _RevisionedBus(clock))
+        self._cuts: list[tuple[str, str]] = []
+
+    def cut_next(self, *, method: str, path: str) -> None:
+        """Close the connection of the next `method` request to `path` unanswered, before it changes anything.
+
+        The client sees the server disconnect (aiohttp's ServerDisconnectedError), not an API error: what a dropped
+        connection or a killed API server does to a request in flight. The request is still in kmock's log.
+        """
+        self._cuts.append((method, path))
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        cut = (request.method.value, request.url.path)
+        if cut in self._cuts:
+            self._cuts.remove(cut)
+            transport = request._raw_request.transport if request._raw_request is not None else None
+            assert transport is not None, "the request came over no connection"
+            transport.close()
+            return aiohttp.web.Response(status=500)  # never sent: the connection is closed
         if request.action != kmock.action.UPDATE or not isinstance(request.data, list):
             return await super()._handle(request)
         # An UPDATE names its object.
@@ -412,21 +433,44 @@ async def eventually(
         await asyncio.sleep(POLL_INTERVAL)
 
 
+def _collection(obj: Mapping[str, Any]) -> str:
+    """The API path of the collection `obj` belongs to (its kind's plural is its lowercased kind plus "s")."""
+    metadata = obj.get("metadata") or {}
+    kind, api_version = obj["kind"], obj["apiVersion"]
+    if kind == "Namespace":
+        return "/api/v1/namespaces"  # served with _parse_path
+    if kind in ("Pod", "ConfigMap"):
+        return f"/api/v1/namespaces/{metadata['namespace']}/{kind.lower()}s"
+    if "/" in api_version:  # a custom resource (Argo's WorkflowTaskResult): kmock serves any group and plural
+        return f"/apis/{api_version}/namespaces/{metadata['namespace']}/{kind.lower()}s"
+    raise ValueError(f"no path for kind {kind}")
+
+
+def object_path(obj: Mapping[str, Any]) -> str:
+    """The API path of one object."""
+    return f"{_collection(obj)}/{obj['metadata']['name']}"
+
+
 async def create(cluster: Emulator, obj: Mapping[str, Any]) -> dict[str, Any]:
     """Create an object through the API (so watchers see ADDED), as kubectl would."""
-    metadata = obj.get("metadata") or {}
-    kind = obj["kind"]
-    if kind == "Namespace":
-        path = "/api/v1/namespaces"  # served with _parse_path
-    elif kind in ("Pod", "ConfigMap"):
-        path = f"/api/v1/namespaces/{metadata['namespace']}/{kind.lower()}s"
-    else:
-        raise ValueError(f"no path for kind {kind}")
     headers = {"Content-Type": "application/json"}
-    async with cluster.post(path, data=json.dumps(obj), headers=headers) as response:
+    async with cluster.post(_collection(obj), data=json.dumps(obj), headers=headers) as response:
         assert response.status < 300, await response.text()
         created: dict[str, Any] = await response.json()
         return created
+
+
+async def merge_patch(cluster: Emulator, obj: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+    """Merge-patch an object through the API (so watchers see MODIFIED), as `kubectl patch --type=merge` would."""
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with cluster.patch(object_path(obj), data=json.dumps(body), headers=headers) as response:
+        assert response.status < 300, await response.text()
+
+
+async def delete(cluster: Emulator, obj: Mapping[str, Any]) -> None:
+    """Delete an object through the API (so watchers see DELETED), as kubectl would (no finalizers here)."""
+    async with cluster.delete(object_path(obj)) as response:
+        assert response.status < 300, await response.text()
 
 
 async def label_namespace(cluster: Emulator, name: str, labels: Mapping[str, str]) -> None:
