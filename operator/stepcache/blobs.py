@@ -21,37 +21,26 @@ import datetime
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
-import asyncpg.pool
 import botocore.config
 import botocore.exceptions
 import botocore.session
 import structlog
 
-from stepcache import artifacts, errors
+from stepcache import artifacts, errors, pg
 
 __all__ = ["CHUNK_BYTES", "BlobInfo", "BlobStore", "Located", "RepositoryUnavailable", "S3Credentials", "S3Reader"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
-_Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 CHUNK_BYTES = 1024 * 1024
-_FAILURES: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-_CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)  # ValueError: a malformed URL
 _TRANSFER_TIMEOUT = 300.0
 """Seconds for storing or streaming one blob (at most STEPCACHE_ARTIFACT_MAX_BYTES)."""
 _MAINTENANCE_TIMEOUT = 60.0
-_CONNECT_TIMEOUT = 5.0
 _RESERVED_CONNECTIONS = 1
 """Connections transfers leave free, so admission checks and the endpoint's index reads never queue behind them."""
 _MAX_PENDING_LOCATIONS = 10_000
@@ -128,14 +117,9 @@ class BlobStore:
         pool_size: int = 4,
         flush_interval: float = 1.0,
     ) -> BlobStore:
-        connect_timeout = max(timeout, _CONNECT_TIMEOUT)
-        try:
-            async with asyncio.timeout(connect_timeout + timeout):
-                pool = await asyncpg.create_pool(
-                    dsn, min_size=1, max_size=max(2, pool_size), timeout=connect_timeout, init=_init_connection
-                )
-        except _CONNECT_FAILURES as exc:
-            raise errors.StoreUnavailable(f"blobs: cannot connect to the database: {_describe(exc)}") from exc
+        pool = await pg.connect(
+            dsn, timeout=timeout, max_size=max(2, pool_size), init=_init_connection, prefix="blobs: "
+        )
         blob_store = cls(pool, timeout=timeout, pool_size=max(2, pool_size))
         blob_store._flush_interval = flush_interval
         blob_store._flusher = asyncio.create_task(blob_store._flush_forever(), name="stepcache-location-flusher")
@@ -149,13 +133,7 @@ class BlobStore:
         self._closing.set()
         if self._flusher is not None:
             await self._flusher
-        try:
-            async with asyncio.timeout(_MAINTENANCE_TIMEOUT):
-                await self._pool.close()
-        except BaseException as exc:
-            self._pool.terminate()
-            if not isinstance(exc, _FAILURES):
-                raise
+        await pg.close(self._pool, bound=_MAINTENANCE_TIMEOUT)  # a database failure: nothing more to do
 
     # --- blobs -----------------------------------------------------------------------------------------------
 
@@ -164,7 +142,7 @@ class BlobStore:
         sha256 = hashlib.sha256(data).hexdigest()
         offsets = range(0, len(data), CHUNK_BYTES)
 
-        async def run(conn: _Connection) -> None:
+        async def run(conn: pg.Connection) -> None:
             async with conn.transaction():
                 # A concurrent writer of the same content makes this wait for its commit, then do nothing.
                 blob_id = await conn.fetchval(
@@ -189,7 +167,7 @@ class BlobStore:
         `inline_max` bytes (one chunk). One statement, bounded by the caller: the webhook calls it."""
         wanted = sorted(set(shas))
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_PRESENCE, wanted, inline_max)
             return rows
 
@@ -199,7 +177,7 @@ class BlobStore:
     async def size(self, sha256: str) -> int | None:
         """The blob's size, or None when it is not stored."""
 
-        async def run(conn: _Connection) -> int | None:
+        async def run(conn: pg.Connection) -> int | None:
             value: int | None = await conn.fetchval("SELECT size FROM blobs WHERE sha256 = $1", sha256)
             return value
 
@@ -210,7 +188,7 @@ class BlobStore:
 
         Raises StoreUnavailable (also when the blob goes away midway)."""
 
-        async def blob_id(conn: _Connection) -> int | None:
+        async def blob_id(conn: pg.Connection) -> int | None:
             value: int | None = await conn.fetchval("SELECT id FROM blobs WHERE sha256 = $1", sha256)
             return value
 
@@ -221,7 +199,7 @@ class BlobStore:
             seq = 0
             while True:
 
-                async def chunk(conn: _Connection, seq: int = seq) -> bytes | None:
+                async def chunk(conn: pg.Connection, seq: int = seq) -> bytes | None:
                     data: bytes | None = await conn.fetchval(
                         "SELECT data FROM blob_chunks WHERE blob_id = $1 AND seq = $2", found, seq
                     )
@@ -242,16 +220,16 @@ class BlobStore:
     async def delete(self, sha256: str) -> bool:
         """Delete one blob whatever refers to it (an administrator's tool: entries naming it stop being served)."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute("DELETE FROM blobs WHERE sha256 = $1", sha256)
             return status
 
-        return _affected(await self._call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
+        return pg.affected(await self._call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
 
     async def referenced(self, *, namespace: str, sha256: str) -> bool:
         """True when an entry that pods of `namespace` may be served (its own, or cluster-wide ones) records it."""
 
-        async def run(conn: _Connection) -> bool:
+        async def run(conn: pg.Connection) -> bool:
             value: bool = await conn.fetchval(_REFERENCED, [namespace, "*"], sha256)
             return value
 
@@ -260,11 +238,11 @@ class BlobStore:
     async def collect(self, *, older_than: datetime.timedelta) -> int:
         """Delete the blobs created more than `older_than` ago that no entry refers to; return how many."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(_COLLECT, older_than)
             return status
 
-        return _affected(await self._call("collect", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._call("collect", run, bound=_MAINTENANCE_TIMEOUT))
 
     # --- artifact locations ------------------------------------------------------------------------------------
 
@@ -280,7 +258,7 @@ class BlobStore:
         if not rest:
             return found
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(
                 "SELECT location, sha256 FROM artifact_locations WHERE scope = $1 AND location = ANY($2::text[])",
                 scope,
@@ -312,13 +290,13 @@ class BlobStore:
     async def forget_locations(self, *, older_than: datetime.timedelta) -> int:
         """Delete locations noted more than `older_than` ago (their entries have expired by then)."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(
                 "DELETE FROM artifact_locations WHERE noted_at < now() - $1::interval", older_than
             )
             return status
 
-        return _affected(await self._call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
 
     async def _write_locations(self, items: list[tuple[str, Located]]) -> None:
         columns = (
@@ -329,7 +307,7 @@ class BlobStore:
             [item.artifact for _, item in items],
         )
 
-        async def run(conn: _Connection) -> None:
+        async def run(conn: pg.Connection) -> None:
             await conn.execute(_NOTE_LOCATIONS, *columns)
 
         await self._call("store_locations", run, bound=_MAINTENANCE_TIMEOUT)
@@ -354,32 +332,13 @@ class BlobStore:
             if self._closing.is_set():
                 return
 
-    async def _call(self, operation: str, run: Callable[[_Connection], Awaitable[_T]], *, bound: float | None) -> _T:
-        try:
-            async with asyncio.timeout(self._timeout if bound is None else bound):
-                conn = await self._pool.acquire()
-                try:
-                    return await run(conn)
-                except BaseException as exc:
-                    if not isinstance(exc, asyncpg.PostgresError):
-                        conn.terminate()
-                    raise
-                finally:
-                    await self._pool.release(conn)
-        except _FAILURES as exc:
-            raise errors.StoreUnavailable(f"{operation}: {_describe(exc)}") from exc
+    async def _call(self, operation: str, run: Callable[[pg.Connection], Awaitable[_T]], *, bound: float | None) -> _T:
+        """Run `run` on a pooled connection within `bound` (None: the store's timeout); see `pg.call`."""
+        return await pg.call(self._pool, run, operation=operation, bound=self._timeout if bound is None else bound)
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Nothing to set: blobs are bytea and text; the hook keeps the pool's setup explicit."""
-
-
-def _affected(status: str) -> int:
-    return int(status.rsplit(" ", 1)[-1])
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # --- Argo's artifact repository ------------------------------------------------------------------------------
@@ -470,3 +429,7 @@ class S3Reader:
             while len(self._clients) > self._max_clients:
                 self._clients.popitem(last=False)
             return client
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
