@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import asyncpg
 import botocore.config
@@ -34,8 +33,6 @@ from stepcache import artifacts, errors, pg
 __all__ = ["CHUNK_BYTES", "BlobInfo", "BlobStore", "Located", "RepositoryUnavailable", "S3Credentials", "S3Reader"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 CHUNK_BYTES = 1024 * 1024
 _TRANSFER_TIMEOUT = 300.0
@@ -98,15 +95,10 @@ class Located:
 class BlobStore:
     """Blobs and artifact locations in the cache database; build it with `await BlobStore.connect(...)`."""
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, timeout: float, pool_size: int) -> None:
-        self._pool = pool
-        self._timeout = timeout
+    def __init__(self, db: pg.Database, *, pool_size: int) -> None:
+        self._db = db
         self._transfers = asyncio.Semaphore(max(1, pool_size - _RESERVED_CONNECTIONS))
         self._pending: collections.OrderedDict[tuple[str, str], Located] = collections.OrderedDict()
-        self._closing = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._flush_interval = 1.0
-        self._closed = False
 
     @classmethod
     async def connect(
@@ -117,23 +109,16 @@ class BlobStore:
         pool_size: int = 4,
         flush_interval: float = 1.0,
     ) -> BlobStore:
-        pool = await pg.connect(
+        db = await pg.Database.connect(
             dsn, timeout=timeout, max_size=max(2, pool_size), init=_init_connection, prefix="blobs: "
         )
-        blob_store = cls(pool, timeout=timeout, pool_size=max(2, pool_size))
-        blob_store._flush_interval = flush_interval
-        blob_store._flusher = asyncio.create_task(blob_store._flush_forever(), name="stepcache-location-flusher")
+        blob_store = cls(db, pool_size=max(2, pool_size))
+        db.flush_every(flush_interval, blob_store._flush_round, name="stepcache-location-flusher")
         return blob_store
 
     async def close(self) -> None:
         """Write the locations noted so far (best effort), then close the pool."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        if self._flusher is not None:
-            await self._flusher
-        await pg.close(self._pool, bound=_MAINTENANCE_TIMEOUT)  # a database failure: nothing more to do
+        await self._db.close(bound=_MAINTENANCE_TIMEOUT)  # a database failure: nothing more to do
 
     # --- blobs -----------------------------------------------------------------------------------------------
 
@@ -159,7 +144,7 @@ class BlobStore:
                 )
 
         async with self._transfers:
-            await self._call("put", run, bound=_TRANSFER_TIMEOUT)
+            await self._db.call("put", run, bound=_TRANSFER_TIMEOUT)
         return sha256
 
     async def presence(self, shas: Iterable[str], *, inline_max: int) -> dict[str, BlobInfo]:
@@ -171,7 +156,7 @@ class BlobStore:
             rows: list[asyncpg.Record] = await conn.fetch(_PRESENCE, wanted, inline_max)
             return rows
 
-        rows = await self._call("presence", run, bound=None)
+        rows = await self._db.call("presence", run, bound=None)
         return {row["sha256"]: BlobInfo(size=row["size"], data=row["data"]) for row in rows}
 
     async def size(self, sha256: str) -> int | None:
@@ -181,7 +166,7 @@ class BlobStore:
             value: int | None = await conn.fetchval("SELECT size FROM blobs WHERE sha256 = $1", sha256)
             return value
 
-        return await self._call("size", run, bound=None)
+        return await self._db.call("size", run, bound=None)
 
     async def chunks(self, sha256: str) -> AsyncIterator[bytes]:
         """The blob's bytes chunk by chunk, each read on its own (a slow client holds no transaction open).
@@ -193,7 +178,7 @@ class BlobStore:
             return value
 
         async with self._transfers:
-            found = await self._call("chunks", blob_id, bound=None)
+            found = await self._db.call("chunks", blob_id, bound=None)
             if found is None:
                 raise errors.StoreUnavailable(f"chunks: blob {sha256} is not stored")
             seq = 0
@@ -205,7 +190,7 @@ class BlobStore:
                     )
                     return data
 
-                data = await self._call("chunks", chunk, bound=_TRANSFER_TIMEOUT)
+                data = await self._db.call("chunks", chunk, bound=_TRANSFER_TIMEOUT)
                 if data is None:
                     return
                 yield bytes(data)
@@ -224,7 +209,7 @@ class BlobStore:
             status: str = await conn.execute("DELETE FROM blobs WHERE sha256 = $1", sha256)
             return status
 
-        return pg.affected(await self._call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
+        return pg.affected(await self._db.call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
 
     async def referenced(self, *, namespace: str, sha256: str) -> bool:
         """True when an entry that pods of `namespace` may be served (its own, or cluster-wide ones) records it."""
@@ -233,7 +218,7 @@ class BlobStore:
             value: bool = await conn.fetchval(_REFERENCED, [namespace, "*"], sha256)
             return value
 
-        return await self._call("referenced", run, bound=None)
+        return await self._db.call("referenced", run, bound=None)
 
     async def collect(self, *, older_than: datetime.timedelta) -> int:
         """Delete the blobs created more than `older_than` ago that no entry refers to; return how many."""
@@ -242,7 +227,7 @@ class BlobStore:
             status: str = await conn.execute(_COLLECT, older_than)
             return status
 
-        return pg.affected(await self._call("collect", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._db.call("collect", run, bound=_MAINTENANCE_TIMEOUT))
 
     # --- artifact locations ------------------------------------------------------------------------------------
 
@@ -266,7 +251,7 @@ class BlobStore:
             )
             return rows
 
-        for row in await self._call("resolve", run, bound=None):
+        for row in await self._db.call("resolve", run, bound=None):
             found[row["location"]] = row["sha256"]
         return found
 
@@ -296,7 +281,7 @@ class BlobStore:
             )
             return status
 
-        return pg.affected(await self._call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._db.call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
 
     async def _write_locations(self, items: list[tuple[str, Located]]) -> None:
         columns = (
@@ -310,31 +295,23 @@ class BlobStore:
         async def run(conn: pg.Connection) -> None:
             await conn.execute(_NOTE_LOCATIONS, *columns)
 
-        await self._call("store_locations", run, bound=_MAINTENANCE_TIMEOUT)
+        await self._db.call("store_locations", run, bound=_MAINTENANCE_TIMEOUT)
 
-    async def _flush_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
-                    await self._closing.wait()
-            if self._pending:
-                batch = list(self._pending.items())
-                try:
-                    await self._write_locations([(scope, item) for (scope, _), item in batch])
-                except errors.StoreUnavailable as exc:
-                    log.warning("location_flush_failed", locations=len(batch), error=str(exc))
-                except Exception:
-                    log.exception("location_flush_crashed")
-                else:
-                    for key, item in batch:
-                        if self._pending.get(key) is item:
-                            del self._pending[key]
-            if self._closing.is_set():
-                return
-
-    async def _call(self, operation: str, run: Callable[[pg.Connection], Awaitable[_T]], *, bound: float | None) -> _T:
-        """Run `run` on a pooled connection within `bound` (None: the store's timeout); see `pg.call`."""
-        return await pg.call(self._pool, run, operation=operation, bound=self._timeout if bound is None else bound)
+    async def _flush_round(self) -> None:
+        """The flusher's round: write the noted locations; drop those written, unless noted again meanwhile."""
+        if not self._pending:
+            return
+        batch = list(self._pending.items())
+        try:
+            await self._write_locations([(scope, item) for (scope, _), item in batch])
+        except errors.StoreUnavailable as exc:
+            log.warning("location_flush_failed", locations=len(batch), error=str(exc))
+        except Exception:
+            log.exception("location_flush_crashed")
+        else:
+            for key, item in batch:
+                if self._pending.get(key) is item:
+                    del self._pending[key]
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:

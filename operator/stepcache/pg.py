@@ -3,12 +3,14 @@
 The webhook sits in the path of every pod creation, so each call is bounded (`asyncio.timeout` around acquiring a
 connection *and* running the statements) and every failure — a server that is down, frozen, or answering with an
 error — surfaces as one exception, `errors.StoreUnavailable`, chained from the driver's, so callers can fail open.
-Both stores must fail the same way; keeping that in one place keeps them so.
+Both stores must fail the same way; keeping that in one place keeps them so. What the request path only notes (hit
+counts, artifact locations) each store writes later from the database's flusher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias, TypeVar
 
@@ -17,7 +19,7 @@ import asyncpg.pool
 
 from stepcache import errors
 
-__all__ = ["Connection", "ConnectionHook", "affected", "call", "close", "connect", "describe"]
+__all__ = ["Connection", "ConnectionHook", "Database", "affected", "describe"]
 
 _T = TypeVar("_T")
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"  # generic only in the stubs
@@ -37,77 +39,107 @@ _CONNECT_TIMEOUT = 5.0
 """Seconds; a new connection may take longer than one query (TLS, auth), and the pool's background refill uses it."""
 
 
-async def connect(
-    dsn: str,
-    *,
-    timeout: float,  # noqa: ASYNC109  # not this call's bound: the one every later call gets
-    max_size: int,
-    init: ConnectionHook,
-    reset: ConnectionHook | None = None,
-    prefix: str = "",
-) -> asyncpg.Pool[asyncpg.Record]:
-    """Open a pool with one connection up front, so a bad URL or a dead server shows now.
+class Database:
+    """A pool of connections to the cache database, every call bounded; build it with `await Database.connect(...)`."""
 
-    `reset` None keeps asyncpg's own reset-on-release; `prefix` starts the StoreUnavailable message (which pool).
-    """
-    connect_timeout = max(timeout, _CONNECT_TIMEOUT)
-    try:
-        async with asyncio.timeout(connect_timeout + timeout):
-            pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=max_size,
-                timeout=connect_timeout,
-                init=init,
-                reset=reset,
-            )
-    except _CONNECT_FAILURES as exc:
-        raise errors.StoreUnavailable(f"{prefix}cannot connect to the database: {describe(exc)}") from exc
-    return pool
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._closed = False
+        self._stopping = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        timeout: float,  # noqa: ASYNC109  # not this call's bound: the one every later call gets
+        max_size: int,
+        init: ConnectionHook,
+        reset: ConnectionHook | None = None,
+        prefix: str = "",
+    ) -> Database:
+        """Open the pool with one connection up front, so a bad URL or a dead server shows now.
 
-async def call(
-    pool: asyncpg.Pool[asyncpg.Record],
-    run: Callable[[Connection], Awaitable[_T]],
-    *,
-    operation: str,
-    bound: float,
-) -> _T:
-    """Run `run` on a pooled connection, all within `bound` seconds.
+        `reset` None keeps asyncpg's own reset-on-release; `prefix` starts the StoreUnavailable message (which pool).
+        """
+        connect_timeout = max(timeout, _CONNECT_TIMEOUT)
+        try:
+            async with asyncio.timeout(connect_timeout + timeout):
+                pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=1,
+                    max_size=max_size,
+                    timeout=connect_timeout,
+                    init=init,
+                    reset=reset,
+                )
+        except _CONNECT_FAILURES as exc:
+            raise errors.StoreUnavailable(f"{prefix}cannot connect to the database: {describe(exc)}") from exc
+        return cls(pool, timeout=timeout)
 
-    Every failure becomes StoreUnavailable (`operation` starts its message), chained from the driver's error.
-    """
-    try:
-        async with asyncio.timeout(bound):
-            conn = await pool.acquire()
-            try:
-                return await run(conn)
-            except BaseException as exc:
-                if not isinstance(exc, asyncpg.PostgresError):
-                    # Cancelled mid-statement or broken: releasing it normally would wait for the server to
-                    # acknowledge, which is exactly what a hung server never does.
-                    conn.terminate()
+    async def call(
+        self, operation: str, run: Callable[[Connection], Awaitable[_T]], *, bound: float | None = None
+    ) -> _T:
+        """Run `run` on a pooled connection, all within `bound` (None: the timeout it was connected with).
+
+        Every failure becomes StoreUnavailable (`operation` starts its message), chained from the driver's error.
+        """
+        try:
+            async with asyncio.timeout(self._timeout if bound is None else bound):
+                conn = await self._pool.acquire()
+                try:
+                    return await run(conn)
+                except BaseException as exc:
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        # Cancelled mid-statement or broken: releasing it normally would wait for the server to
+                        # acknowledge, which is exactly what a hung server never does.
+                        conn.terminate()
+                    raise
+                finally:
+                    await self._pool.release(conn)
+        except _FAILURES as exc:
+            raise errors.StoreUnavailable(f"{operation}: {describe(exc)}") from exc
+
+    def flush_every(self, interval: float, flush: Callable[[], Awaitable[None]], *, name: str) -> None:
+        """Call `flush` every `interval` seconds in a task, and a last time on `close`.
+
+        `flush` handles its own failures (logs them, keeps what it could not write for the next round): one that
+        escapes ends the task.
+        """
+        self._flusher = asyncio.create_task(self._flush_forever(interval, flush), name=name)
+
+    async def close(self, *, bound: float) -> BaseException | None:
+        """Flush a last time, then close the pool within `bound` seconds, terminating it if that fails.
+
+        Closing is best effort: a database failure is returned (for the caller to log or not), anything else raised.
+        Closing again does nothing.
+        """
+        if self._closed:
+            return None
+        self._closed = True
+        self._stopping.set()
+        if self._flusher is not None:
+            await self._flusher
+        try:
+            async with asyncio.timeout(bound):
+                await self._pool.close()
+        except BaseException as exc:
+            self._pool.terminate()
+            if not isinstance(exc, _FAILURES):
                 raise
-            finally:
-                await pool.release(conn)
-    except _FAILURES as exc:
-        raise errors.StoreUnavailable(f"{operation}: {describe(exc)}") from exc
+            return exc
+        return None
 
-
-async def close(pool: asyncpg.Pool[asyncpg.Record], *, bound: float) -> BaseException | None:
-    """Close `pool` within `bound` seconds, terminating it if that fails.
-
-    Closing is best effort: a database failure is returned (for the caller to log or not), anything else raised.
-    """
-    try:
-        async with asyncio.timeout(bound):
-            await pool.close()
-    except BaseException as exc:
-        pool.terminate()
-        if not isinstance(exc, _FAILURES):
-            raise
-        return exc
-    return None
+    async def _flush_forever(self, interval: float, flush: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stopping.wait()
+            await flush()
+            if self._stopping.is_set():
+                return
 
 
 def affected(status: str) -> int:

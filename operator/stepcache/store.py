@@ -1,6 +1,6 @@
 """The Postgres store: one indexed read per admission, one upsert per recorded pod, counters off the hot path.
 
-The webhook sits in the path of every pod creation, so each call here is bounded (`pg.call`: `asyncio.timeout`
+The webhook sits in the path of every pod creation, so each call here is bounded (`pg.Database.call`: `asyncio.timeout`
 around acquiring a connection *and* running the statement) and every failure — a server that is down, frozen, or
 answering with an error — surfaces as one exception, `errors.StoreUnavailable`, chained from the driver's, so callers
 can fail open.
@@ -12,15 +12,13 @@ cache_key)`, so concurrent completions of one step leave one row, and a newer re
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import datetime
 import importlib.resources
 import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import structlog
@@ -30,8 +28,6 @@ from stepcache import cacheentry, errors, model, pg
 __all__ = ["Migration", "NamespaceStats", "Removed", "Selection", "Store", "migrations"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 _MAINTENANCE_TIMEOUT = 30.0
 """Seconds; bounds work off the request path (migrations, expiry, hit flushes, close), which may take longer."""
@@ -253,22 +249,18 @@ class Store:
 
     def __init__(
         self,
-        pool: asyncpg.Pool[asyncpg.Record],
+        db: pg.Database,
         *,
         timeout: float,
-        hit_flush_interval: float,
         max_pending_hits: int,
     ) -> None:
-        self._pool = pool
+        self._db = db
         self._timeout = timeout
         self._maintenance_timeout = max(timeout, _MAINTENANCE_TIMEOUT)
-        self._hit_flush_interval = hit_flush_interval
         self._max_pending_hits = max_pending_hits
         self._pending_hits: dict[int, int] = {}
         self._dropped_hits = 0
         self._closed = False
-        self._closing = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -281,20 +273,17 @@ class Store:
         max_pending_hits: int = 10_000,
     ) -> Store:
         """Open the pool (one connection up front, so a bad URL or a dead server shows now) and start the flusher."""
-        pool = await pg.connect(dsn, timeout=timeout, max_size=pool_size, init=_init_connection, reset=_keep_session)
-        store = cls(pool, timeout=timeout, hit_flush_interval=hit_flush_interval, max_pending_hits=max_pending_hits)
-        store._flusher = asyncio.create_task(store._flush_forever(), name="stepcache-hit-flusher")
+        db = await pg.Database.connect(
+            dsn, timeout=timeout, max_size=pool_size, init=_init_connection, reset=_keep_session
+        )
+        store = cls(db, timeout=timeout, max_pending_hits=max_pending_hits)
+        db.flush_every(hit_flush_interval, store._flush_round, name="stepcache-hit-flusher")
         return store
 
     async def close(self) -> None:
         """Let the flusher write the hits it holds (best effort), then close the pool."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        if self._flusher is not None:
-            await self._flusher
-        failure = await pg.close(self._pool, bound=self._maintenance_timeout)
+        self._closed = True  # before the last flush: no hit noted from here on is kept
+        failure = await self._db.close(bound=self._maintenance_timeout)
         if failure is not None:
             log.warning("pool_close_failed", error=pg.describe(failure))
 
@@ -321,13 +310,13 @@ class Store:
                 applied = await _apply_migrations(conn, migrations())
             except asyncpg.PostgresError:
                 # A migration failed (its transaction rolled back). Ending the session releases the lock; on any
-                # other error `_call` ends it.
+                # other error `pg.Database.call` ends it.
                 conn.terminate()
                 raise
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
             return applied
 
-        applied = await self._call("migrate", run, bound=self._maintenance_timeout)
+        applied = await self._db.call("migrate", run, bound=self._maintenance_timeout)
         if applied:
             log.info("migrations_applied", names=applied)
         return applied
@@ -340,7 +329,7 @@ class Store:
         async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_LOOKUP, namespace, cache_key, max_age)
 
-        row = await self._call("lookup", run)
+        row = await self._db.call("lookup", run)
         return None if row is None else _entry(row)
 
     async def record(self, entry: model.NewEntry) -> int:
@@ -379,7 +368,7 @@ class Store:
             raise errors.StoreUnavailable(f"record: the row for {entry.cache_key} kept disappearing")
 
         try:
-            return await self._call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
+            return await self._db.call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
         except errors.StoreUnavailable as exc:
             refused = _unstorable_text(exc)
             if refused is not None:
@@ -405,7 +394,7 @@ class Store:
             )
             return status
 
-        return pg.affected(await self._call("expire", run, bound=self._maintenance_timeout))
+        return pg.affected(await self._db.call("expire", run, bound=self._maintenance_timeout))
 
     async def get(self, entry_id: int) -> model.CachedEntry | None:
         """The entry with this id, whatever its age."""
@@ -413,7 +402,7 @@ class Store:
         async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_GET, entry_id)
 
-        row = await self._call("get", run)
+        row = await self._db.call("get", run)
         return None if row is None else _entry(row)
 
     async def delete(self, entry_id: int) -> bool:
@@ -423,7 +412,7 @@ class Store:
             status: str = await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
             return status
 
-        return pg.affected(await self._call("delete", run)) > 0
+        return pg.affected(await self._db.call("delete", run)) > 0
 
     async def count(self) -> int:
         """How many entries are stored."""
@@ -432,7 +421,7 @@ class Store:
             value: int = await conn.fetchval("SELECT count(*) FROM cache_entries")
             return value
 
-        return await self._call("count", run)
+        return await self._db.call("count", run)
 
     async def summary(self, entry_id: int) -> model.EntrySummary | None:
         """The entry with this id as its CacheEntry shows it (sizes, not outputs)."""
@@ -440,7 +429,7 @@ class Store:
         async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_SUMMARY_BY_ID, entry_id)
 
-        row = await self._call("summary", run, bound=self._maintenance_timeout)
+        row = await self._db.call("summary", run, bound=self._maintenance_timeout)
         return None if row is None else _summary(row)
 
     async def summaries(self, *, after_id: int = 0, limit: int = 500) -> list[model.EntrySummary]:
@@ -450,7 +439,7 @@ class Store:
             rows: list[asyncpg.Record] = await conn.fetch(_SUMMARIES_PAGE, after_id, limit)
             return rows
 
-        return [_summary(row) for row in await self._call("summaries", run, bound=self._maintenance_timeout)]
+        return [_summary(row) for row in await self._db.call("summaries", run, bound=self._maintenance_timeout)]
 
     async def recently_hit(self, *, within: datetime.timedelta) -> list[model.EntrySummary]:
         """Entries hit within the last `within` (by the database's clock), for the CacheEntry status writer."""
@@ -459,7 +448,7 @@ class Store:
             rows: list[asyncpg.Record] = await conn.fetch(_RECENTLY_HIT, within)
             return rows
 
-        return [_summary(row) for row in await self._call("recently_hit", run, bound=self._maintenance_timeout)]
+        return [_summary(row) for row in await self._db.call("recently_hit", run, bound=self._maintenance_timeout)]
 
     async def invalidate(self, *, namespaces: Sequence[str], cache_key: str, entry_id: int, object_name: str) -> bool:
         """Delete the entry a CacheEntry object named `object_name` stands for; False when it stands for none.
@@ -477,7 +466,7 @@ class Store:
                 await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
                 return True
 
-        return await self._call("invalidate", run, bound=self._maintenance_timeout)
+        return await self._db.call("invalidate", run, bound=self._maintenance_timeout)
 
     async def purge_batch(self, selection: Selection, *, limit: int) -> list[Removed]:
         """Delete at most `limit` selected entries in one statement; return them (fewer than `limit`: none left).
@@ -491,7 +480,7 @@ class Store:
             rows: list[asyncpg.Record] = await conn.fetch(_PURGE_BATCH, *_selection_args(selection), limit)
             return rows
 
-        rows = await self._call("purge", run, bound=self._maintenance_timeout)
+        rows = await self._db.call("purge", run, bound=self._maintenance_timeout)
         return [Removed(id=r["id"], namespace=r["namespace"], cache_key=r["cache_key"], step=r["step"]) for r in rows]
 
     async def count_selected(self, selection: Selection) -> int:
@@ -503,7 +492,7 @@ class Store:
             value: int = await conn.fetchval(_PURGE_COUNT, *_selection_args(selection))
             return value
 
-        return await self._call("count_selected", run, bound=self._maintenance_timeout)
+        return await self._db.call("count_selected", run, bound=self._maintenance_timeout)
 
     async def stats(self, *, namespace: str | None = None) -> list[NamespaceStats]:
         """Entries, hits, compute saved and output bytes per namespace."""
@@ -512,7 +501,7 @@ class Store:
             rows: list[asyncpg.Record] = await conn.fetch(_STATS, namespace)
             return rows
 
-        rows = await self._call("stats", run, bound=self._maintenance_timeout)
+        rows = await self._db.call("stats", run, bound=self._maintenance_timeout)
         return [
             NamespaceStats(
                 namespace=r["namespace"],
@@ -524,26 +513,14 @@ class Store:
             for r in rows
         ]
 
-    async def _call(
-        self, operation: str, run: Callable[[pg.Connection], Awaitable[_T]], *, bound: float | None = None
-    ) -> _T:
-        """Run `run` on a pooled connection, all within `bound` (default: the store's timeout); see `pg.call`."""
-        return await pg.call(self._pool, run, operation=operation, bound=self._timeout if bound is None else bound)
-
-    async def _flush_forever(self) -> None:
-        """Write the noted hits every interval, and a last time when the store closes."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._hit_flush_interval):
-                    await self._closing.wait()
-            try:
-                await self._flush_hits()
-            except errors.StoreUnavailable as exc:
-                log.warning("hit_flush_failed", hits=self.pending_hits, error=str(exc))
-            except Exception:
-                log.exception("hit_flush_crashed")
-            if self._closing.is_set():
-                return
+    async def _flush_round(self) -> None:
+        """The flusher's round: every interval, and a last time when the store closes."""
+        try:
+            await self._flush_hits()
+        except errors.StoreUnavailable as exc:
+            log.warning("hit_flush_failed", hits=self.pending_hits, error=str(exc))
+        except Exception:
+            log.exception("hit_flush_crashed")
 
     async def _flush_hits(self) -> None:
         """Write the noted hits in one statement; on failure keep them (within the bound) for the next flush.
@@ -562,7 +539,7 @@ class Store:
             return status
 
         try:
-            await self._call("flush_hits", run, bound=self._maintenance_timeout)
+            await self._db.call("flush_hits", run, bound=self._maintenance_timeout)
         except errors.StoreUnavailable:
             for entry_id, n in batch.items():
                 if entry_id in self._pending_hits or len(self._pending_hits) < self._max_pending_hits:
