@@ -418,7 +418,7 @@ async def create(cluster: Emulator, obj: Mapping[str, Any]) -> dict[str, Any]:
     kind = obj["kind"]
     if kind == "Namespace":
         path = "/api/v1/namespaces"  # served with _parse_path
-    elif kind in ("Pod", "ConfigMap"):
+    elif kind in ("Pod", "ConfigMap", "Secret"):
         path = f"/api/v1/namespaces/{metadata['namespace']}/{kind.lower()}s"
     else:
         raise ValueError(f"no path for kind {kind}")
