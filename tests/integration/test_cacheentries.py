@@ -16,10 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
@@ -27,11 +26,9 @@ import structlog
 from hack.cluster import postgres as cluster
 
 from stepcache import cacheentry, config, entries, mirror, model, store
-from tests.integration import conftest
+from tests.integration import conftest, polling
 
-_T = TypeVar("_T")
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
-DEADLINE = 15.0
 OPERATOR_NAMESPACE = "stepcache-system"
 
 
@@ -67,17 +64,6 @@ def new_entry(**changes: Any) -> model.NewEntry:
         images=("busybox:1.36.1",),
     )
     return dataclasses.replace(entry, **changes)
-
-
-async def eventually(probe: Callable[[], Awaitable[_T]], check: Callable[[_T], bool]) -> _T:
-    until = time.monotonic() + DEADLINE
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > until:
-            pytest.fail(f"still {value!r} after {DEADLINE} s")
-        await asyncio.sleep(0.05)
 
 
 async def drain(cache: store.Store, selection: store.Selection, *, limit: int) -> list[int]:
@@ -435,12 +421,12 @@ async def test_many_hits_cost_one_status_write_per_pass(mirrored: MirrorUnderTes
 
     for _ in range(50):
         mirrored.cache.note_hit(entry_id)
-    await eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), lambda n: n == 50)
+    await polling.eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), until=lambda n: n == 50)
     assert await mirrored.mirror.write_statuses() == 1
     assert await mirrored.mirror.write_statuses() == 0  # nothing new: nothing written
 
     mirrored.cache.note_hit(entry_id)
-    await eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), lambda n: n == 51)
+    await polling.eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), until=lambda n: n == 51)
     assert await mirrored.mirror.write_statuses() == 1
 
     assert mirrored.fake.writes("status") - before == 2
@@ -516,10 +502,10 @@ async def test_invalidation_waits_out_a_database_outage_and_then_deletes_the_row
             async def attempts() -> int:
                 return sum(1 for line in logged if line["event"] == "invalidate_waiting")
 
-            await eventually(attempts, lambda n: n >= 2)
+            await polling.eventually(attempts, until=lambda n: n >= 2)
             assert not waiting.done()  # still holding the object's finalizer
         own_postgres.start()
-        async with asyncio.timeout(DEADLINE + 30):
+        async with asyncio.timeout(polling.DEADLINE + 30):
             await waiting
         assert await cache.summary(entry_id) is None
     finally:
@@ -553,7 +539,7 @@ async def test_the_hit_watch_posts_cachehit_once_per_served_pod(mirrored: Mirror
         async def posted() -> set[str]:
             return {e["involvedObject"]["name"] for e in mirrored.fake.events.values()}
 
-        assert await eventually(posted, lambda names: {"served", "later"} <= names) == {"served", "later"}
+        assert await polling.eventually(posted, until=lambda names: {"served", "later"} <= names) == {"served", "later"}
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
