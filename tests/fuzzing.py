@@ -64,6 +64,15 @@ def clone(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def depth(value: Any) -> int:
+    """Arrays and objects inside each other, the outermost counted (a scalar is 0)."""
+    if isinstance(value, dict):
+        return 1 + max((depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth(v) for v in value), default=0)
+    return 0
+
+
 def timeout(share: float) -> pytest.MarkDecorator:
     """The pytest timeout (a hang guard) for a fuzz test running `share` of the budget: 50 ms an example at least."""
     return pytest.mark.timeout(max(300, round(FUZZ_EXAMPLES * share * 0.05)))

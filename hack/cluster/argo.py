@@ -20,7 +20,6 @@ import logging
 import os
 import pathlib
 import subprocess
-import sys
 import tarfile
 import urllib.parse
 from collections.abc import Mapping
@@ -61,14 +60,7 @@ def build_dir() -> pathlib.Path:
     The script returns at once when the pinned build is cached; otherwise it builds (about a quarter of an hour cold
     on two cores, progress on stderr). STEPCACHE_ARGO_DIR points at a prebuilt directory of the same layout instead.
     """
-    override = os.environ.get("STEPCACHE_ARGO_DIR")
-    if override:
-        path = pathlib.Path(override)
-    else:
-        result = subprocess.run([str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{BUILD_SCRIPT} failed with exit code {result.returncode} (its output is above)")
-        path = pathlib.Path(result.stdout.strip().splitlines()[-1])
+    path = controlplane.built(BUILD_SCRIPT, override="STEPCACHE_ARGO_DIR")
     missing = [name for name in BINARIES if not os.access(path / "bin" / name, os.X_OK)]
     if missing or not (path / "crds").is_dir():
         raise RuntimeError(f"Argo build incomplete in {path}: missing {', '.join(missing) or 'crds/'}")

@@ -43,6 +43,7 @@ __all__ = [
     "ControlPlane",
     "KubectlError",
     "bin_dir",
+    "built",
     "pinned_versions",
     "spawn",
     "terminate",
@@ -102,18 +103,25 @@ def bin_dir() -> pathlib.Path:
     The script returns at once when the pinned binaries are cached; otherwise it builds them (minutes, with
     progress on stderr). STEPCACHE_CONTROL_PLANE_BIN points at a directory of prebuilt binaries instead.
     """
-    override = os.environ.get("STEPCACHE_CONTROL_PLANE_BIN")
-    if override:
-        path = pathlib.Path(override)
-    else:
-        result = subprocess.run([str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{BUILD_SCRIPT} failed with exit code {result.returncode} (its output is above)")
-        path = pathlib.Path(result.stdout.strip().splitlines()[-1])
+    path = built(BUILD_SCRIPT, override="STEPCACHE_CONTROL_PLANE_BIN")
     missing = [name for name in BINARIES if not os.access(path / name, os.X_OK)]
     if missing:
         raise RuntimeError(f"control plane binaries missing from {path}: {', '.join(missing)}")
     return path
+
+
+def built(script: pathlib.Path, *, override: str) -> pathlib.Path:
+    """The directory a build script prints on its last line, or the one environment variable `override` names.
+
+    The script's progress goes to stderr as it runs; a failed build raises, pointing at that output.
+    """
+    named = os.environ.get(override)
+    if named:
+        return pathlib.Path(named)
+    result = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed with exit code {result.returncode} (its output is above)")
+    return pathlib.Path(result.stdout.strip().splitlines()[-1])
 
 
 class KubectlError(subprocess.CalledProcessError):

@@ -15,6 +15,7 @@ compiled file carries it too, as a submitted run's pods would.
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import yaml
 
@@ -45,34 +46,17 @@ implementation:
 """
 )
 
-CONSUME = components.load_component_from_text(
-    """
-name: Consume
-inputs:
-- {name: data, type: String}
-outputs:
-- {name: digest, type: String}
-implementation:
-  container:
-    image: busybox:1.36.1
-    command:
-    - sh
-    - -ec
-    - |
-      mkdir -p "${1%/*}"
-      sha256sum "$0" | cut -d' ' -f1 | tr -d '\\n' > "$1"
-    - {inputPath: data}
-    - {outputPath: digest}
-"""
-)
 
-STAMP = components.load_component_from_text(
-    """
-name: Stamp
+def reading_data(name: str, *, output: str, command: str) -> Any:
+    """A component that reads the `data` file artifact and writes one output: `command` runs with the input's path
+    as $0 and the output's as $1 (whose directory exists by then)."""
+    return components.load_component_from_text(
+        f"""
+name: {name}
 inputs:
-- {name: data, type: String}
+- {{name: data, type: String}}
 outputs:
-- {name: stamped, type: String}
+- {{name: {output}, type: String}}
 implementation:
   container:
     image: busybox:1.36.1
@@ -80,11 +64,17 @@ implementation:
     - sh
     - -ec
     - |
-      mkdir -p "${1%/*}"
-      printf '%s at %s' "`sha256sum "$0" | cut -d' ' -f1`" "`date +%s%N`" > "$1"
-    - {inputPath: data}
-    - {outputPath: stamped}
+      mkdir -p "${{1%/*}}"
+      {command}
+    - {{inputPath: data}}
+    - {{outputPath: {output}}}
 """
+    )
+
+
+CONSUME = reading_data("Consume", output="digest", command='''sha256sum "$0" | cut -d' ' -f1 | tr -d '\\n' > "$1"''')
+STAMP = reading_data(
+    "Stamp", output="stamped", command='''printf '%s at %s' "`sha256sum "$0" | cut -d' ' -f1`" "`date +%s%N`" > "$1"'''
 )
 
 

@@ -15,43 +15,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import asyncpg
-import asyncpg.pool
 import botocore.config
 import botocore.exceptions
 import botocore.session
 import structlog
 
-from stepcache import artifacts, errors
+from stepcache import artifacts, errors, pg
 
 __all__ = ["CHUNK_BYTES", "BlobInfo", "BlobStore", "Located", "RepositoryUnavailable", "S3Credentials", "S3Reader"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
-_T = TypeVar("_T")
-_Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
-
 CHUNK_BYTES = 1024 * 1024
-_FAILURES: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-_CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)  # ValueError: a malformed URL
 _TRANSFER_TIMEOUT = 300.0
 """Seconds for storing or streaming one blob (at most STEPCACHE_ARTIFACT_MAX_BYTES)."""
 _MAINTENANCE_TIMEOUT = 60.0
-_CONNECT_TIMEOUT = 5.0
 _RESERVED_CONNECTIONS = 1
 """Connections transfers leave free, so admission checks and the endpoint's index reads never queue behind them."""
 _MAX_PENDING_LOCATIONS = 10_000
@@ -109,15 +95,10 @@ class Located:
 class BlobStore:
     """Blobs and artifact locations in the cache database; build it with `await BlobStore.connect(...)`."""
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, timeout: float, pool_size: int) -> None:
-        self._pool = pool
-        self._timeout = timeout
+    def __init__(self, db: pg.Database, *, pool_size: int) -> None:
+        self._db = db
         self._transfers = asyncio.Semaphore(max(1, pool_size - _RESERVED_CONNECTIONS))
         self._pending: collections.OrderedDict[tuple[str, str], Located] = collections.OrderedDict()
-        self._closing = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._flush_interval = 1.0
-        self._closed = False
 
     @classmethod
     async def connect(
@@ -128,34 +109,16 @@ class BlobStore:
         pool_size: int = 4,
         flush_interval: float = 1.0,
     ) -> BlobStore:
-        connect_timeout = max(timeout, _CONNECT_TIMEOUT)
-        try:
-            async with asyncio.timeout(connect_timeout + timeout):
-                pool = await asyncpg.create_pool(
-                    dsn, min_size=1, max_size=max(2, pool_size), timeout=connect_timeout, init=_init_connection
-                )
-        except _CONNECT_FAILURES as exc:
-            raise errors.StoreUnavailable(f"blobs: cannot connect to the database: {_describe(exc)}") from exc
-        blob_store = cls(pool, timeout=timeout, pool_size=max(2, pool_size))
-        blob_store._flush_interval = flush_interval
-        blob_store._flusher = asyncio.create_task(blob_store._flush_forever(), name="stepcache-location-flusher")
+        db = await pg.Database.connect(
+            dsn, timeout=timeout, max_size=max(2, pool_size), init=_init_connection, prefix="blobs: "
+        )
+        blob_store = cls(db, pool_size=max(2, pool_size))
+        db.flush_every(flush_interval, blob_store._flush_round, name="stepcache-location-flusher")
         return blob_store
 
     async def close(self) -> None:
         """Write the locations noted so far (best effort), then close the pool."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        if self._flusher is not None:
-            await self._flusher
-        try:
-            async with asyncio.timeout(_MAINTENANCE_TIMEOUT):
-                await self._pool.close()
-        except BaseException as exc:
-            self._pool.terminate()
-            if not isinstance(exc, _FAILURES):
-                raise
+        await self._db.close(bound=_MAINTENANCE_TIMEOUT)  # a database failure: nothing more to do
 
     # --- blobs -----------------------------------------------------------------------------------------------
 
@@ -164,7 +127,7 @@ class BlobStore:
         sha256 = hashlib.sha256(data).hexdigest()
         offsets = range(0, len(data), CHUNK_BYTES)
 
-        async def run(conn: _Connection) -> None:
+        async def run(conn: pg.Connection) -> None:
             async with conn.transaction():
                 # A concurrent writer of the same content makes this wait for its commit, then do nothing.
                 blob_id = await conn.fetchval(
@@ -181,7 +144,7 @@ class BlobStore:
                 )
 
         async with self._transfers:
-            await self._call("put", run, bound=_TRANSFER_TIMEOUT)
+            await self._db.call("put", run, bound=_TRANSFER_TIMEOUT)
         return sha256
 
     async def presence(self, shas: Iterable[str], *, inline_max: int) -> dict[str, BlobInfo]:
@@ -189,45 +152,45 @@ class BlobStore:
         `inline_max` bytes (one chunk). One statement, bounded by the caller: the webhook calls it."""
         wanted = sorted(set(shas))
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_PRESENCE, wanted, inline_max)
             return rows
 
-        rows = await self._call("presence", run, bound=None)
+        rows = await self._db.call("presence", run, bound=None)
         return {row["sha256"]: BlobInfo(size=row["size"], data=row["data"]) for row in rows}
 
     async def size(self, sha256: str) -> int | None:
         """The blob's size, or None when it is not stored."""
 
-        async def run(conn: _Connection) -> int | None:
+        async def run(conn: pg.Connection) -> int | None:
             value: int | None = await conn.fetchval("SELECT size FROM blobs WHERE sha256 = $1", sha256)
             return value
 
-        return await self._call("size", run, bound=None)
+        return await self._db.call("size", run, bound=None)
 
     async def chunks(self, sha256: str) -> AsyncIterator[bytes]:
         """The blob's bytes chunk by chunk, each read on its own (a slow client holds no transaction open).
 
         Raises StoreUnavailable (also when the blob goes away midway)."""
 
-        async def blob_id(conn: _Connection) -> int | None:
+        async def blob_id(conn: pg.Connection) -> int | None:
             value: int | None = await conn.fetchval("SELECT id FROM blobs WHERE sha256 = $1", sha256)
             return value
 
         async with self._transfers:
-            found = await self._call("chunks", blob_id, bound=None)
+            found = await self._db.call("chunks", blob_id, bound=None)
             if found is None:
                 raise errors.StoreUnavailable(f"chunks: blob {sha256} is not stored")
             seq = 0
             while True:
 
-                async def chunk(conn: _Connection, seq: int = seq) -> bytes | None:
+                async def chunk(conn: pg.Connection, seq: int = seq) -> bytes | None:
                     data: bytes | None = await conn.fetchval(
                         "SELECT data FROM blob_chunks WHERE blob_id = $1 AND seq = $2", found, seq
                     )
                     return data
 
-                data = await self._call("chunks", chunk, bound=_TRANSFER_TIMEOUT)
+                data = await self._db.call("chunks", chunk, bound=_TRANSFER_TIMEOUT)
                 if data is None:
                     return
                 yield bytes(data)
@@ -242,29 +205,29 @@ class BlobStore:
     async def delete(self, sha256: str) -> bool:
         """Delete one blob whatever refers to it (an administrator's tool: entries naming it stop being served)."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute("DELETE FROM blobs WHERE sha256 = $1", sha256)
             return status
 
-        return _affected(await self._call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
+        return pg.affected(await self._db.call("delete", run, bound=_MAINTENANCE_TIMEOUT)) > 0
 
     async def referenced(self, *, namespace: str, sha256: str) -> bool:
         """True when an entry that pods of `namespace` may be served (its own, or cluster-wide ones) records it."""
 
-        async def run(conn: _Connection) -> bool:
+        async def run(conn: pg.Connection) -> bool:
             value: bool = await conn.fetchval(_REFERENCED, [namespace, "*"], sha256)
             return value
 
-        return await self._call("referenced", run, bound=None)
+        return await self._db.call("referenced", run, bound=None)
 
     async def collect(self, *, older_than: datetime.timedelta) -> int:
         """Delete the blobs created more than `older_than` ago that no entry refers to; return how many."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(_COLLECT, older_than)
             return status
 
-        return _affected(await self._call("collect", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._db.call("collect", run, bound=_MAINTENANCE_TIMEOUT))
 
     # --- artifact locations ------------------------------------------------------------------------------------
 
@@ -280,7 +243,7 @@ class BlobStore:
         if not rest:
             return found
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(
                 "SELECT location, sha256 FROM artifact_locations WHERE scope = $1 AND location = ANY($2::text[])",
                 scope,
@@ -288,7 +251,7 @@ class BlobStore:
             )
             return rows
 
-        for row in await self._call("resolve", run, bound=None):
+        for row in await self._db.call("resolve", run, bound=None):
             found[row["location"]] = row["sha256"]
         return found
 
@@ -312,13 +275,13 @@ class BlobStore:
     async def forget_locations(self, *, older_than: datetime.timedelta) -> int:
         """Delete locations noted more than `older_than` ago (their entries have expired by then)."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(
                 "DELETE FROM artifact_locations WHERE noted_at < now() - $1::interval", older_than
             )
             return status
 
-        return _affected(await self._call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
+        return pg.affected(await self._db.call("forget_locations", run, bound=_MAINTENANCE_TIMEOUT))
 
     async def _write_locations(self, items: list[tuple[str, Located]]) -> None:
         columns = (
@@ -329,57 +292,30 @@ class BlobStore:
             [item.artifact for _, item in items],
         )
 
-        async def run(conn: _Connection) -> None:
+        async def run(conn: pg.Connection) -> None:
             await conn.execute(_NOTE_LOCATIONS, *columns)
 
-        await self._call("store_locations", run, bound=_MAINTENANCE_TIMEOUT)
+        await self._db.call("store_locations", run, bound=_MAINTENANCE_TIMEOUT)
 
-    async def _flush_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
-                    await self._closing.wait()
-            if self._pending:
-                batch = list(self._pending.items())
-                try:
-                    await self._write_locations([(scope, item) for (scope, _), item in batch])
-                except errors.StoreUnavailable as exc:
-                    log.warning("location_flush_failed", locations=len(batch), error=str(exc))
-                except Exception:
-                    log.exception("location_flush_crashed")
-                else:
-                    for key, item in batch:
-                        if self._pending.get(key) is item:
-                            del self._pending[key]
-            if self._closing.is_set():
-                return
-
-    async def _call(self, operation: str, run: Callable[[_Connection], Awaitable[_T]], *, bound: float | None) -> _T:
+    async def _flush_round(self) -> None:
+        """The flusher's round: write the noted locations; drop those written, unless noted again meanwhile."""
+        if not self._pending:
+            return
+        batch = list(self._pending.items())
         try:
-            async with asyncio.timeout(self._timeout if bound is None else bound):
-                conn = await self._pool.acquire()
-                try:
-                    return await run(conn)
-                except BaseException as exc:
-                    if not isinstance(exc, asyncpg.PostgresError):
-                        conn.terminate()
-                    raise
-                finally:
-                    await self._pool.release(conn)
-        except _FAILURES as exc:
-            raise errors.StoreUnavailable(f"{operation}: {_describe(exc)}") from exc
+            await self._write_locations([(scope, item) for (scope, _), item in batch])
+        except errors.StoreUnavailable as exc:
+            log.warning("location_flush_failed", locations=len(batch), error=str(exc))
+        except Exception:
+            log.exception("location_flush_crashed")
+        else:
+            for key, item in batch:
+                if self._pending.get(key) is item:
+                    del self._pending[key]
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Nothing to set: blobs are bytea and text; the hook keeps the pool's setup explicit."""
-
-
-def _affected(status: str) -> int:
-    return int(status.rsplit(" ", 1)[-1])
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # --- Argo's artifact repository ------------------------------------------------------------------------------
@@ -470,3 +406,7 @@ class S3Reader:
             while len(self._clients) > self._max_clients:
                 self._clients.popitem(last=False)
             return client
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -10,8 +10,8 @@ import base64
 import json
 import os
 import secrets as pysecrets
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -24,6 +24,7 @@ SIGNING_SECRET = "stepcache-signing-key"
 _SIGNING_FIELD = "key"
 _WORKFLOW_GROUP = "argoproj.io"
 _WORKFLOW_VERSION = "v1alpha1"
+_T = TypeVar("_T")
 
 
 async def connect() -> Kube:
@@ -141,25 +142,19 @@ class Kube:
 
     async def workflow_task_result(self, *, namespace: str, name: str) -> dict[str, Any] | None:
         """Argo's WorkflowTaskResult for a node, or None when it (or its CRD) does not exist."""
-        try:
-            result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
+        result: dict[str, Any] | None = await _unless_missing(
+            self._custom.get_namespaced_custom_object(
                 _WORKFLOW_GROUP, _WORKFLOW_VERSION, namespace, "workflowtaskresults", name
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        )
         return result
 
     async def secret_value(self, *, namespace: str, name: str, key: str) -> bytes | None:
         """One decoded value of a Secret (Argo's artifact repository credentials), or None when the Secret or the key
         does not exist; a 403 (the operator may read only the Secret names its RBAC lists) propagates."""
-        try:
-            secret = await self._core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        secret = await _unless_missing(self._core.read_namespaced_secret(name, namespace))
+        if secret is None:
+            return None
         encoded = (secret.data or {}).get(key)
         return None if encoded is None else base64.b64decode(encoded)
 
@@ -191,13 +186,20 @@ class Kube:
         return fresh
 
     async def _read_signing_secret(self, namespace: str) -> bytes | None:
-        try:
-            secret = await self._core.read_namespaced_secret(SIGNING_SECRET, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        secret = await _unless_missing(self._core.read_namespaced_secret(SIGNING_SECRET, namespace))
+        if secret is None:
+            return None
         encoded = (secret.data or {}).get(_SIGNING_FIELD)
         if not encoded:
             raise ValueError(f"Secret {namespace}/{SIGNING_SECRET} has no data field {_SIGNING_FIELD!r}")
         return base64.b64decode(encoded)
+
+
+async def _unless_missing(request: Awaitable[_T]) -> _T | None:
+    """The API's answer, or None when it answers 404 (the object, or its CRD, does not exist)."""
+    try:
+        return await request
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise

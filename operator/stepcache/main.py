@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -361,40 +361,59 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             rt.namespaces.discard(name)
             rt.references.forget_namespace(name)
 
-    @kopf.on.event(*_CONFIGMAP_SELECTOR, id="referenced-configmaps", registry=registry)
-    async def configmap_event(
+    _follow_references(
+        registry,
+        _CONFIGMAP_SELECTOR,
+        id="referenced-configmaps",
+        put=_put_configmap,
+        forget=references.ReferenceView.forget_configmap,
+    )
+    if settings.key_secret_content:
+        _follow_references(
+            registry,
+            _SECRET_SELECTOR,
+            id="referenced-secrets",
+            put=_put_secret,
+            forget=references.ReferenceView.forget_secret,
+        )
+
+    return registry
+
+
+def _follow_references(
+    registry: kopf.OperatorRegistry,
+    selector: tuple[str, str],
+    *,
+    id: str,
+    put: Callable[[runtime.Runtime, str, str, kopf.Body], None],
+    forget: Callable[[references.ReferenceView, str, str], None],
+) -> None:
+    """Register the event handler that keeps the key's view of one kind (ConfigMaps, Secrets) in step with the
+    cluster, in opted-in namespaces only: what the kind's `put` reads off an object, and its `forget` on deletion."""
+
+    @kopf.on.event(*selector, id=id, registry=registry)
+    async def reference_event(
         type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
     ) -> None:
         rt: runtime.Runtime = memo["runtime"]
         if namespace is None or namespace not in rt.namespaces:
             return
         if type == "DELETED":
-            rt.references.forget_configmap(namespace, name)
+            forget(rt.references, namespace, name)
         else:
-            rt.references.put_configmap(
-                namespace, name, data=dict(body.get("data") or {}), binary_data=dict(body.get("binaryData") or {})
-            )
+            put(rt, namespace, name, body)
 
-    if settings.key_secret_content:
 
-        @kopf.on.event(*_SECRET_SELECTOR, id="referenced-secrets", registry=registry)
-        async def secret_event(
-            type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
-        ) -> None:
-            rt: runtime.Runtime = memo["runtime"]
-            if namespace is None or namespace not in rt.namespaces:
-                return
-            if type == "DELETED":
-                rt.references.forget_secret(namespace, name)
-            else:
-                rt.references.put_secret(
-                    namespace,
-                    name,
-                    data=dict(body.get("data") or {}),
-                    hmac_key=signing.secret_content_key(rt.signing_key),
-                )
+def _put_configmap(rt: runtime.Runtime, namespace: str, name: str, body: kopf.Body) -> None:
+    rt.references.put_configmap(
+        namespace, name, data=dict(body.get("data") or {}), binary_data=dict(body.get("binaryData") or {})
+    )
 
-    return registry
+
+def _put_secret(rt: runtime.Runtime, namespace: str, name: str, body: kopf.Body) -> None:
+    rt.references.put_secret(
+        namespace, name, data=dict(body.get("data") or {}), hmac_key=signing.secret_content_key(rt.signing_key)
+    )
 
 
 _BLOB_GRACE = datetime.timedelta(hours=1)

@@ -1,8 +1,9 @@
 """The Postgres store: one indexed read per admission, one upsert per recorded pod, counters off the hot path.
 
-The webhook sits in the path of every pod creation, so each call here is bounded (`asyncio.timeout` around acquiring
-a connection *and* running the statement) and every failure — a server that is down, frozen, or answering with an
-error — surfaces as one exception, `errors.StoreUnavailable`, chained from the driver's, so callers can fail open.
+The webhook sits in the path of every pod creation, so each call here is bounded (`pg.Database.call`: `asyncio.timeout`
+around acquiring a connection *and* running the statement) and every failure — a server that is down, frozen, or
+answering with an error — surfaces as one exception, `errors.StoreUnavailable`, chained from the driver's, so callers
+can fail open.
 
 Reads have no side effects (the webhook declares `sideEffects: None`): hit counters are collected in memory by
 `note_hit` and written by a background task. Writes are a single `INSERT ... ON CONFLICT` on `UNIQUE (namespace,
@@ -11,46 +12,28 @@ cache_key)`, so concurrent completions of one step leave one row, and a newer re
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import datetime
 import importlib.resources
 import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
-import asyncpg.pool
 import structlog
 
-from stepcache import cacheentry, errors, model
+from stepcache import cacheentry, errors, model, pg
 
 __all__ = ["Migration", "NamespaceStats", "Removed", "Selection", "Store", "migrations"]
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
-_Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"  # generic only in the stubs
-
-# What a failing database looks like from here; each becomes StoreUnavailable.
-_FAILURES: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-_CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)  # ValueError: a malformed URL
 
 _MAINTENANCE_TIMEOUT = 30.0
 """Seconds; bounds work off the request path (migrations, expiry, hit flushes, close), which may take longer."""
 _RECORD_TIMEOUT = 5.0
 """Seconds; bounds one recording's row write. Off the request path, so not the webhook's tight bound: under load a
 write that waits a little for the server must not time out, be retried and cost a new connection."""
-_CONNECT_TIMEOUT = 5.0
-"""Seconds; a new connection may take longer than one query (TLS, auth), and the pool's background refill uses it."""
 _MIGRATION_LOCK = 0x5354455043414348
 """pg_advisory_lock key ("STEPCACH"): one migrator per database at a time."""
 _MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_[a-z0-9_]+\.sql$")
@@ -266,22 +249,18 @@ class Store:
 
     def __init__(
         self,
-        pool: asyncpg.Pool[asyncpg.Record],
+        db: pg.Database,
         *,
         timeout: float,
-        hit_flush_interval: float,
         max_pending_hits: int,
     ) -> None:
-        self._pool = pool
+        self._db = db
         self._timeout = timeout
         self._maintenance_timeout = max(timeout, _MAINTENANCE_TIMEOUT)
-        self._hit_flush_interval = hit_flush_interval
         self._max_pending_hits = max_pending_hits
         self._pending_hits: dict[int, int] = {}
         self._dropped_hits = 0
         self._closed = False
-        self._closing = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -294,39 +273,19 @@ class Store:
         max_pending_hits: int = 10_000,
     ) -> Store:
         """Open the pool (one connection up front, so a bad URL or a dead server shows now) and start the flusher."""
-        connect_timeout = max(timeout, _CONNECT_TIMEOUT)
-        try:
-            async with asyncio.timeout(connect_timeout + timeout):
-                pool = await asyncpg.create_pool(
-                    dsn,
-                    min_size=1,
-                    max_size=pool_size,
-                    timeout=connect_timeout,
-                    init=_init_connection,
-                    reset=_keep_session,
-                )
-        except _CONNECT_FAILURES as exc:
-            raise errors.StoreUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
-        store = cls(pool, timeout=timeout, hit_flush_interval=hit_flush_interval, max_pending_hits=max_pending_hits)
-        store._flusher = asyncio.create_task(store._flush_forever(), name="stepcache-hit-flusher")
+        db = await pg.Database.connect(
+            dsn, timeout=timeout, max_size=pool_size, init=_init_connection, reset=_keep_session
+        )
+        store = cls(db, timeout=timeout, max_pending_hits=max_pending_hits)
+        db.flush_every(hit_flush_interval, store._flush_round, name="stepcache-hit-flusher")
         return store
 
     async def close(self) -> None:
         """Let the flusher write the hits it holds (best effort), then close the pool."""
-        if self._closed:
-            return
-        self._closed = True
-        self._closing.set()
-        if self._flusher is not None:
-            await self._flusher
-        try:
-            async with asyncio.timeout(self._maintenance_timeout):
-                await self._pool.close()
-        except BaseException as exc:
-            self._pool.terminate()
-            if not isinstance(exc, _FAILURES):
-                raise
-            log.warning("pool_close_failed", error=_describe(exc))
+        self._closed = True  # before the last flush: no hit noted from here on is kept
+        failure = await self._db.close(bound=self._maintenance_timeout)
+        if failure is not None:
+            log.warning("pool_close_failed", error=pg.describe(failure))
 
     @property
     def pending_hits(self) -> int:
@@ -345,19 +304,19 @@ class Store:
         find nothing left to do.
         """
 
-        async def run(conn: _Connection) -> list[str]:
+        async def run(conn: pg.Connection) -> list[str]:
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
                 applied = await _apply_migrations(conn, migrations())
             except asyncpg.PostgresError:
                 # A migration failed (its transaction rolled back). Ending the session releases the lock; on any
-                # other error `_call` ends it.
+                # other error `pg.Database.call` ends it.
                 conn.terminate()
                 raise
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
             return applied
 
-        applied = await self._call("migrate", run, bound=self._maintenance_timeout)
+        applied = await self._db.call("migrate", run, bound=self._maintenance_timeout)
         if applied:
             log.info("migrations_applied", names=applied)
         return applied
@@ -367,10 +326,10 @@ class Store:
     ) -> model.CachedEntry | None:
         """The entry for this key, if it finished at most `max_age` ago (None: any age); changes nothing."""
 
-        async def run(conn: _Connection) -> asyncpg.Record | None:
+        async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_LOOKUP, namespace, cache_key, max_age)
 
-        row = await self._call("lookup", run)
+        row = await self._db.call("lookup", run)
         return None if row is None else _entry(row)
 
     async def record(self, entry: model.NewEntry) -> int:
@@ -395,7 +354,7 @@ class Store:
             list(entry.images),
         )
 
-        async def run(conn: _Connection) -> int:
+        async def run(conn: pg.Connection) -> int:
             for _ in range(_RECORD_ATTEMPTS):
                 entry_id: int | None = await conn.fetchval(_UPSERT, *args)
                 if entry_id is not None:
@@ -409,11 +368,11 @@ class Store:
             raise errors.StoreUnavailable(f"record: the row for {entry.cache_key} kept disappearing")
 
         try:
-            return await self._call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
+            return await self._db.call("record", run, bound=max(self._timeout, _RECORD_TIMEOUT))
         except errors.StoreUnavailable as exc:
             refused = _unstorable_text(exc)
             if refused is not None:
-                raise errors.Uncacheable(f"unstorable-output: {_describe(refused)}") from exc
+                raise errors.Uncacheable(f"unstorable-output: {pg.describe(refused)}") from exc
             raise
 
     def note_hit(self, entry_id: int) -> None:
@@ -429,67 +388,67 @@ class Store:
     async def expire(self, *, older_than: datetime.timedelta) -> int:
         """Delete the entries that finished more than `older_than` ago; return how many."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(
                 "DELETE FROM cache_entries WHERE finished_at < now() - $1::interval", older_than
             )
             return status
 
-        return _affected(await self._call("expire", run, bound=self._maintenance_timeout))
+        return pg.affected(await self._db.call("expire", run, bound=self._maintenance_timeout))
 
     async def get(self, entry_id: int) -> model.CachedEntry | None:
         """The entry with this id, whatever its age."""
 
-        async def run(conn: _Connection) -> asyncpg.Record | None:
+        async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_GET, entry_id)
 
-        row = await self._call("get", run)
+        row = await self._db.call("get", run)
         return None if row is None else _entry(row)
 
     async def delete(self, entry_id: int) -> bool:
         """Delete one entry; False when there was none."""
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
             return status
 
-        return _affected(await self._call("delete", run)) > 0
+        return pg.affected(await self._db.call("delete", run)) > 0
 
     async def count(self) -> int:
         """How many entries are stored."""
 
-        async def run(conn: _Connection) -> int:
+        async def run(conn: pg.Connection) -> int:
             value: int = await conn.fetchval("SELECT count(*) FROM cache_entries")
             return value
 
-        return await self._call("count", run)
+        return await self._db.call("count", run)
 
     async def summary(self, entry_id: int) -> model.EntrySummary | None:
         """The entry with this id as its CacheEntry shows it (sizes, not outputs)."""
 
-        async def run(conn: _Connection) -> asyncpg.Record | None:
+        async def run(conn: pg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(_SUMMARY_BY_ID, entry_id)
 
-        row = await self._call("summary", run, bound=self._maintenance_timeout)
+        row = await self._db.call("summary", run, bound=self._maintenance_timeout)
         return None if row is None else _summary(row)
 
     async def summaries(self, *, after_id: int = 0, limit: int = 500) -> list[model.EntrySummary]:
         """One page of entries in id order, starting after `after_id`; an empty page ends the listing."""
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_SUMMARIES_PAGE, after_id, limit)
             return rows
 
-        return [_summary(row) for row in await self._call("summaries", run, bound=self._maintenance_timeout)]
+        return [_summary(row) for row in await self._db.call("summaries", run, bound=self._maintenance_timeout)]
 
     async def recently_hit(self, *, within: datetime.timedelta) -> list[model.EntrySummary]:
         """Entries hit within the last `within` (by the database's clock), for the CacheEntry status writer."""
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_RECENTLY_HIT, within)
             return rows
 
-        return [_summary(row) for row in await self._call("recently_hit", run, bound=self._maintenance_timeout)]
+        return [_summary(row) for row in await self._db.call("recently_hit", run, bound=self._maintenance_timeout)]
 
     async def invalidate(self, *, namespaces: Sequence[str], cache_key: str, entry_id: int, object_name: str) -> bool:
         """Delete the entry a CacheEntry object named `object_name` stands for; False when it stands for none.
@@ -499,7 +458,7 @@ class Store:
         orphan) must not delete the row.
         """
 
-        async def run(conn: _Connection) -> bool:
+        async def run(conn: pg.Connection) -> bool:
             async with conn.transaction():
                 step = await conn.fetchval(_INVALIDATE_CANDIDATE, list(namespaces), cache_key, entry_id)
                 if step is None or cacheentry.object_name(step, cache_key) != object_name:
@@ -507,7 +466,7 @@ class Store:
                 await conn.execute("DELETE FROM cache_entries WHERE id = $1", entry_id)
                 return True
 
-        return await self._call("invalidate", run, bound=self._maintenance_timeout)
+        return await self._db.call("invalidate", run, bound=self._maintenance_timeout)
 
     async def purge_batch(self, selection: Selection, *, limit: int) -> list[Removed]:
         """Delete at most `limit` selected entries in one statement; return them (fewer than `limit`: none left).
@@ -517,11 +476,11 @@ class Store:
         if selection.empty:
             return []
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_PURGE_BATCH, *_selection_args(selection), limit)
             return rows
 
-        rows = await self._call("purge", run, bound=self._maintenance_timeout)
+        rows = await self._db.call("purge", run, bound=self._maintenance_timeout)
         return [Removed(id=r["id"], namespace=r["namespace"], cache_key=r["cache_key"], step=r["step"]) for r in rows]
 
     async def count_selected(self, selection: Selection) -> int:
@@ -529,20 +488,20 @@ class Store:
         if selection.empty:
             return 0
 
-        async def run(conn: _Connection) -> int:
+        async def run(conn: pg.Connection) -> int:
             value: int = await conn.fetchval(_PURGE_COUNT, *_selection_args(selection))
             return value
 
-        return await self._call("count_selected", run, bound=self._maintenance_timeout)
+        return await self._db.call("count_selected", run, bound=self._maintenance_timeout)
 
     async def stats(self, *, namespace: str | None = None) -> list[NamespaceStats]:
         """Entries, hits, compute saved and output bytes per namespace."""
 
-        async def run(conn: _Connection) -> list[asyncpg.Record]:
+        async def run(conn: pg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(_STATS, namespace)
             return rows
 
-        rows = await self._call("stats", run, bound=self._maintenance_timeout)
+        rows = await self._db.call("stats", run, bound=self._maintenance_timeout)
         return [
             NamespaceStats(
                 namespace=r["namespace"],
@@ -554,43 +513,14 @@ class Store:
             for r in rows
         ]
 
-    async def _call(
-        self, operation: str, run: Callable[[_Connection], Awaitable[_T]], *, bound: float | None = None
-    ) -> _T:
-        """Run `run` on a pooled connection, all within `bound` (default: the store's timeout).
-
-        Every failure becomes StoreUnavailable, chained from the driver's error.
-        """
+    async def _flush_round(self) -> None:
+        """The flusher's round: every interval, and a last time when the store closes."""
         try:
-            async with asyncio.timeout(self._timeout if bound is None else bound):
-                conn = await self._pool.acquire()
-                try:
-                    return await run(conn)
-                except BaseException as exc:
-                    if not isinstance(exc, asyncpg.PostgresError):
-                        # Cancelled mid-statement or broken: releasing it normally would wait for the server to
-                        # acknowledge, which is exactly what a hung server never does.
-                        conn.terminate()
-                    raise
-                finally:
-                    await self._pool.release(conn)
-        except _FAILURES as exc:
-            raise errors.StoreUnavailable(f"{operation}: {_describe(exc)}") from exc
-
-    async def _flush_forever(self) -> None:
-        """Write the noted hits every interval, and a last time when the store closes."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._hit_flush_interval):
-                    await self._closing.wait()
-            try:
-                await self._flush_hits()
-            except errors.StoreUnavailable as exc:
-                log.warning("hit_flush_failed", hits=self.pending_hits, error=str(exc))
-            except Exception:
-                log.exception("hit_flush_crashed")
-            if self._closing.is_set():
-                return
+            await self._flush_hits()
+        except errors.StoreUnavailable as exc:
+            log.warning("hit_flush_failed", hits=self.pending_hits, error=str(exc))
+        except Exception:
+            log.exception("hit_flush_crashed")
 
     async def _flush_hits(self) -> None:
         """Write the noted hits in one statement; on failure keep them (within the bound) for the next flush.
@@ -604,12 +534,12 @@ class Store:
         ids = list(batch)
         counts = [batch[entry_id] for entry_id in ids]
 
-        async def run(conn: _Connection) -> str:
+        async def run(conn: pg.Connection) -> str:
             status: str = await conn.execute(_FLUSH_HITS, ids, counts)
             return status
 
         try:
-            await self._call("flush_hits", run, bound=self._maintenance_timeout)
+            await self._db.call("flush_hits", run, bound=self._maintenance_timeout)
         except errors.StoreUnavailable:
             for entry_id, n in batch.items():
                 if entry_id in self._pending_hits or len(self._pending_hits) < self._max_pending_hits:
@@ -619,7 +549,7 @@ class Store:
             raise
 
 
-async def _apply_migrations(conn: _Connection, available: list[Migration]) -> list[str]:
+async def _apply_migrations(conn: pg.Connection, available: list[Migration]) -> list[str]:
     await conn.execute(_SCHEMA_MIGRATIONS)
     done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
     applied: list[str] = []
@@ -688,11 +618,6 @@ def _selection_args(selection: Selection) -> tuple[Any, ...]:
     return (selection.namespace, selection.older_than, selection.unused_for, selection.everything)
 
 
-def _affected(status: str) -> int:
-    """Rows touched, from a command tag such as `DELETE 3`."""
-    return int(status.rsplit(" ", 1)[-1])
-
-
 def _unstorable_text(exc: BaseException) -> BaseException | None:
     """The database's (or the driver's) refusal of the text itself, if that is what caused `exc`."""
     cause = exc.__cause__
@@ -701,7 +626,3 @@ def _unstorable_text(exc: BaseException) -> BaseException | None:
             return cause
         cause = cause.__cause__
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -22,10 +22,9 @@ import json
 import pathlib
 import ssl
 import threading
-import time
 import unittest.mock
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import aiohttp
@@ -41,6 +40,7 @@ from kmock._internal import aiobus
 from kmock._internal import parsing as kmock_parsing
 
 from stepcache import config, keys, main, runtime, tls
+from tests.integration import polling
 
 __all__ = [
     "DEADLINE",
@@ -69,10 +69,9 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-DEADLINE = 15.0
-"""Seconds to wait for something that normally takes milliseconds; generous for a machine shared with builds."""
+DEADLINE = polling.DEADLINE
+eventually = polling.eventually
 SIGNING_KEY = b"stepcache-integration-signing-key-0123456789"
-POLL_INTERVAL = 0.02
 PODS = kmock.resource("", "v1", "pods")
 
 
@@ -419,27 +418,13 @@ async def _accepts_connections(port: int) -> bool:
     return True
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[_T]], *, until: Callable[[_T], bool] = bool, within: float = DEADLINE
-) -> _T:
-    """Poll `probe` until `until(result)` holds; fail with the last result after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await probe()
-        if until(result):
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {within}s")
-        await asyncio.sleep(POLL_INTERVAL)
-
-
 def _collection(obj: Mapping[str, Any]) -> str:
     """The API path of the collection `obj` belongs to (its kind's plural is its lowercased kind plus "s")."""
     metadata = obj.get("metadata") or {}
     kind, api_version = obj["kind"], obj["apiVersion"]
     if kind == "Namespace":
         return "/api/v1/namespaces"  # served with _parse_path
-    if kind in ("Pod", "ConfigMap"):
+    if kind in ("Pod", "ConfigMap", "Secret"):
         return f"/api/v1/namespaces/{metadata['namespace']}/{kind.lower()}s"
     if "/" in api_version:  # a custom resource (Argo's WorkflowTaskResult): kmock serves any group and plural
         return f"/apis/{api_version}/namespaces/{metadata['namespace']}/{kind.lower()}s"

@@ -10,10 +10,8 @@ handler's Patch object, the ops become a diff's (one op per changed list element
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import pathlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 
 from stepcache import keys, model, mutation, patches, references, signing, store
 from tests.integration import operator_harness as harness
+from tests.integration import recorded
 
 NAMESPACE = "team-a"
 IMAGE = "busybox@sha256:9ae97d36d26566ff84e8893c64a6dc4fe8ca6d1144bf5b87b2b85a32def253c7"
@@ -63,22 +62,7 @@ def signed_for(pod: dict[str, Any]) -> mutation.Signed:
 
 async def stored_entry(cache: store.Store, pod: dict[str, Any]) -> model.CachedEntry:
     key = keys.compute(pod, namespace=NAMESPACE, options=keys.KeyOptions(), references=NO_REFERENCES)
-    finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
-    await cache.record(
-        model.NewEntry(
-            namespace=NAMESPACE,
-            cache_key=key.value,
-            termination_messages={},
-            argo_outputs=None,
-            key_material=key.material,
-            source_namespace=NAMESPACE,
-            source_pod="true-0",
-            source_uid=str(uuid.uuid4()),
-            started_at=finished - datetime.timedelta(seconds=1),
-            finished_at=finished,
-            duration_seconds=1.0,
-        )
-    )
+    await cache.record(recorded.entry(key, namespace=NAMESPACE, termination_messages={}))
     entry = await cache.lookup(namespace=NAMESPACE, cache_key=key.value, max_age=None)
     assert entry is not None
     return entry

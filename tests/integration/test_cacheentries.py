@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
@@ -27,11 +27,9 @@ import structlog
 from hack.cluster import postgres as cluster
 
 from stepcache import cacheentry, config, entries, mirror, model, store
-from tests.integration import conftest
+from tests.integration import conftest, polling
 
-_T = TypeVar("_T")
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
-DEADLINE = 15.0
 OPERATOR_NAMESPACE = "stepcache-system"
 
 
@@ -67,17 +65,6 @@ def new_entry(**changes: Any) -> model.NewEntry:
         images=("busybox:1.36.1",),
     )
     return dataclasses.replace(entry, **changes)
-
-
-async def eventually(probe: Callable[[], Awaitable[_T]], check: Callable[[_T], bool]) -> _T:
-    until = time.monotonic() + DEADLINE
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > until:
-            pytest.fail(f"still {value!r} after {DEADLINE} s")
-        await asyncio.sleep(0.05)
 
 
 async def drain(cache: store.Store, selection: store.Selection, *, limit: int) -> list[int]:
@@ -453,7 +440,7 @@ async def test_while_the_recorder_stays_busy_a_recorded_entry_is_shown_only_afte
         queued = time.monotonic()
         mirrored.mirror.recorded_later(pod_of(entry), entry_id=entry_id)
         name = f"train-{key('step')[:12]}"
-        await eventually(lambda: asyncio.sleep(0, times), lambda t: name in t)
+        await polling.eventually(lambda: asyncio.sleep(0, times), until=lambda t: name in t)
     finally:
         workers.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -476,7 +463,8 @@ async def test_a_held_entry_is_shown_as_soon_as_the_recorder_falls_quiet(mirrore
         assert times == {}
         quiet.set()
         name = f"train-{key('step')[:12]}"
-        await eventually(lambda: asyncio.sleep(0, times), lambda t: name in t)  # well within the 30 s hold
+        # Well within the 30 s hold: shown because the recorder fell quiet.
+        await polling.eventually(lambda: asyncio.sleep(0, times), until=lambda t: name in t)
     finally:
         workers.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -492,12 +480,12 @@ async def test_many_hits_cost_one_status_write_per_pass(mirrored: MirrorUnderTes
 
     for _ in range(50):
         mirrored.cache.note_hit(entry_id)
-    await eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), lambda n: n == 50)
+    await polling.eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), until=lambda n: n == 50)
     assert await mirrored.mirror.write_statuses() == 1
     assert await mirrored.mirror.write_statuses() == 0  # nothing new: nothing written
 
     mirrored.cache.note_hit(entry_id)
-    await eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), lambda n: n == 51)
+    await polling.eventually(lambda: db.fetchval("SELECT hit_count FROM cache_entries"), until=lambda n: n == 51)
     assert await mirrored.mirror.write_statuses() == 1
 
     assert mirrored.fake.writes("status") - before == 2
@@ -573,10 +561,10 @@ async def test_invalidation_waits_out_a_database_outage_and_then_deletes_the_row
             async def attempts() -> int:
                 return sum(1 for line in logged if line["event"] == "invalidate_waiting")
 
-            await eventually(attempts, lambda n: n >= 2)
+            await polling.eventually(attempts, until=lambda n: n >= 2)
             assert not waiting.done()  # still holding the object's finalizer
         own_postgres.start()
-        async with asyncio.timeout(DEADLINE + 30):
+        async with asyncio.timeout(polling.DEADLINE + 30):
             await waiting
         assert await cache.summary(entry_id) is None
     finally:
@@ -610,7 +598,7 @@ async def test_the_hit_watch_posts_cachehit_once_per_served_pod(mirrored: Mirror
         async def posted() -> set[str]:
             return {e["involvedObject"]["name"] for e in mirrored.fake.events.values()}
 
-        assert await eventually(posted, lambda names: {"served", "later"} <= names) == {"served", "later"}
+        assert await polling.eventually(posted, until=lambda names: {"served", "later"} <= names) == {"served", "later"}
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -12,9 +12,7 @@ examples' deadline).
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
@@ -32,7 +30,6 @@ from stepcache import (
     errors,
     keys,
     kube,
-    model,
     mutation,
     patches,
     runtime,
@@ -40,7 +37,7 @@ from stepcache import (
 )
 from stepcache import store as store_module
 from tests import fuzzing
-from tests.integration import conftest
+from tests.integration import conftest, recorded
 
 SIGNING_KEY = b"fuzz-signing-key-0123456789abcdef0123"
 BLOB = b"payload written by the step\n"
@@ -75,14 +72,6 @@ async def rt(cache_url: str) -> AsyncIterator[runtime.Runtime]:
     finally:
         await blob_store.close()
         await cache.close()
-
-
-def depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
 
 
 OUTPUT_TEXT = fuzzing.TEXT.filter(lambda text: "\x00" not in text)
@@ -128,20 +117,7 @@ async def store_result(rt: runtime.Runtime, pod: Mapping[str, Any], draw: st.Dat
         messages, outputs = stored_outputs(pod, draw)
     except Exception:  # a pod of any shape may not be keyable: nothing to store, decide is tried all the same
         return None
-    finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
-    entry = model.NewEntry(
-        namespace=key.material["scope"],
-        cache_key=key.value,
-        termination_messages=messages,
-        argo_outputs=outputs,
-        key_material=key.material,
-        source_namespace=namespace,
-        source_pod="fuzzed-source-pod",
-        source_uid=str(uuid.uuid4()),
-        started_at=finished - datetime.timedelta(seconds=3),
-        finished_at=finished,
-        duration_seconds=3.0,
-    )
+    entry = recorded.entry(key, namespace=namespace, termination_messages=messages, argo_outputs=outputs)
     try:
         return await rt.store.record(entry)
     except errors.Uncacheable:  # its key material holds a NUL: a pod that is never recorded
@@ -167,7 +143,7 @@ def applied(pod: Mapping[str, Any], merge: Mapping[str, Any]) -> dict[str, Any]:
 async def test_decide_on_any_pod_admits_it_as_a_valid_pod_with_stepcaches_names_as_stepcache_writes_them(
     rt: runtime.Runtime, pod: dict[str, Any], store_first: bool, dryrun: bool, again: bool, data: st.DataObject
 ) -> None:
-    assume(depth(pod) <= MAX_POD_DEPTH)
+    assume(fuzzing.depth(pod) <= MAX_POD_DEPTH)
     if store_first:
         await store_result(rt, pod, data)
     before = fuzzing.clone(pod)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
 import io
 import json
 import pathlib
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -27,9 +25,9 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from stepcache import argo, artifacts, blobs, errors, keys, model, mutation, store, webhook
+from stepcache import argo, artifacts, blobs, errors, keys, mutation, store, webhook
 from tests import fuzzing
-from tests.integration import conftest
+from tests.integration import conftest, recorded
 from tests.integration import operator_harness as harness
 
 MAX_DEPTH = 100
@@ -60,7 +58,6 @@ async def stored(cache_url: str) -> list[int]:
     ids = []
     try:
         sha256 = await blob_store.put(BLOB)
-        finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
         for pod in fuzzing.PODS.values():
             namespace = pod["metadata"]["namespace"]
             try:
@@ -82,19 +79,8 @@ async def stored(cache_url: str) -> list[int]:
                         for d in artifacts.declared_outputs(tmpl)
                     ],
                 }
-            entry = model.NewEntry(
-                namespace=namespace,
-                cache_key=key.value,
-                termination_messages={c["name"]: "done\n" for c in pod["spec"]["containers"]},
-                argo_outputs=outputs,
-                key_material=key.material,
-                source_namespace=namespace,
-                source_pod="fuzz-source",
-                source_uid=str(uuid.uuid4()),
-                started_at=finished - datetime.timedelta(seconds=5),
-                finished_at=finished,
-                duration_seconds=5.0,
-            )
+            messages = {c["name"]: "done\n" for c in pod["spec"]["containers"]}
+            entry = recorded.entry(key, namespace=namespace, termination_messages=messages, argo_outputs=outputs)
             ids.append(await cache.record(entry))
     finally:
         await blob_store.close()
@@ -130,14 +116,6 @@ async def operator(
 async def client(certs: harness.WebhookTLS) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certs.client_context())) as session:
         yield session
-
-
-def depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
 
 
 # --- envelopes: each edit with what the answer must be ---------------------------------------------------------------
@@ -250,7 +228,7 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, str, dict[str, Any] | None]:
     body = json.dumps(review).encode()
     if len(body) > MAX_BYTES:
         return body, "413", None
-    if depth(review) > MAX_DEPTH:
+    if fuzzing.depth(review) > MAX_DEPTH:
         return body, "400", None
     if kind == "malformed":
         return body, "400", None

@@ -13,17 +13,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
 from hack.cluster import postgres as cluster
 
 from stepcache import errors, model, store
-from tests.integration import conftest
-
-_T = TypeVar("_T")
+from tests.integration import conftest, polling
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
 
@@ -32,7 +30,6 @@ MARGIN = 0.3
 """Scheduling slack on a shared machine; far below what a hang would take."""
 RECORD_TIMEOUT = 5.0
 """store.record's own bound (seconds), whatever the store's timeout below it."""
-DEADLINE = 15.0
 
 
 def key(label: str) -> str:
@@ -60,20 +57,6 @@ def new_entry(**changes: Any) -> model.NewEntry:
 
 def ago(**delta: float) -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC) - datetime.timedelta(**delta)
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[_T]], check: Callable[[_T], bool], *, deadline: float = DEADLINE
-) -> _T:
-    """Poll until `check(await probe())` holds; fail with the last value at the deadline."""
-    until = time.monotonic() + deadline
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > until:
-            pytest.fail(f"still {value!r} after {deadline} s")
-        await asyncio.sleep(0.05)
 
 
 async def timed(call: Awaitable[object]) -> tuple[Exception | None, float]:
@@ -383,7 +366,7 @@ async def test_noted_hits_are_written_in_the_background(cache: store.Store, db: 
         rows = await db.fetch("SELECT id, hit_count FROM cache_entries WHERE last_hit_at IS NOT NULL")
         return {row["id"]: row["hit_count"] for row in rows}
 
-    assert await eventually(counts, lambda found: len(found) == 2) == {popular: 3, rare: 1}
+    assert await polling.eventually(counts, until=lambda found: len(found) == 2) == {popular: 3, rare: 1}
     assert cache.pending_hits == 0
 
 
@@ -430,7 +413,7 @@ async def test_a_stopped_server_fails_calls_within_the_timeout_and_the_store_rec
         assert isinstance(failed_record, errors.StoreUnavailable)
         assert record_took < SMALL_TIMEOUT + MARGIN
 
-        found = await eventually(lambda: recovered(cache, key("step")), lambda entry: entry is not None)
+        found = await polling.eventually(lambda: recovered(cache, key("step")), until=lambda entry: entry is not None)
         assert found is not None
         assert found.id == entry_id
         assert await cache.record(new_entry(finished_at=ago(seconds=0))) == entry_id
@@ -463,7 +446,7 @@ async def test_a_server_that_stops_answering_fails_calls_within_the_timeout(
         # under load made writes time out, retry and reconnect.
         assert SMALL_TIMEOUT < record_took < RECORD_TIMEOUT + MARGIN
 
-        found = await eventually(lambda: recovered(cache, key("step")), lambda entry: entry is not None)
+        found = await polling.eventually(lambda: recovered(cache, key("step")), until=lambda entry: entry is not None)
         assert found is not None
         assert found.id == entry_id
     finally:

@@ -9,12 +9,10 @@ would store, the warnings, and what the database saw.
 from __future__ import annotations
 
 import copy
-import datetime
 import io
 import json
 import pathlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
@@ -27,6 +25,7 @@ from kopf._core.engines import admission as kopf_admission
 
 from stepcache import keys, model, mutation, references, signing, store, webhook
 from tests.integration import operator_harness as harness
+from tests.integration import recorded
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"  # generic only in the stubs
 
@@ -72,21 +71,7 @@ def signature_of(key: keys.Key, *, namespace: str = NAMESPACE) -> str:
 
 def entry_for(pod: Mapping[str, Any]) -> model.NewEntry:
     """A stored result for this pod's key, as the recorder would have written it a minute ago."""
-    key = key_of(pod)
-    finished = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
-    return model.NewEntry(
-        namespace=NAMESPACE,
-        cache_key=key.value,
-        termination_messages={"train": MESSAGE},
-        argo_outputs=None,
-        key_material=key.material,
-        source_namespace=NAMESPACE,
-        source_pod="train-29sl4-x7k2m",
-        source_uid=str(uuid.uuid4()),
-        started_at=finished - datetime.timedelta(minutes=41),
-        finished_at=finished,
-        duration_seconds=2460.0,
-    )
+    return recorded.entry(key_of(pod), namespace=NAMESPACE, termination_messages={"train": MESSAGE})
 
 
 def without_stepcache_names(pod: Mapping[str, Any]) -> dict[str, Any]:

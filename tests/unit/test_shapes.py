@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stepcache import shapes
+from tests import fuzzing
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -18,19 +19,10 @@ JSON = st.recursive(
 )
 
 
-def depth(value: Any) -> int:
-    """Arrays and objects inside each other, the outermost counted."""
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
-
-
 @given(value=JSON, limit=st.integers(min_value=0, max_value=8), ensure_ascii=st.booleans())
 def test_nesting_is_measured_as_the_parser_would_see_it(value: Any, limit: int, ensure_ascii: bool) -> None:
     text = json.dumps(value, ensure_ascii=ensure_ascii)
-    assert shapes.nesting_exceeds(text, limit) == (depth(value) > limit)
+    assert shapes.nesting_exceeds(text, limit) == (fuzzing.depth(value) > limit)
 
 
 @pytest.mark.parametrize(
