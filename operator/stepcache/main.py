@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -452,11 +453,31 @@ async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:
                 log.info("resync_found_unrecorded", pods=found)
 
 
+_YOUNG_COLLECTION_THRESHOLD = 10_000
+"""Net new container objects between two young collections (Python's default: 700). Every delivered pod parses
+into hundreds of dicts and lists that live until it is recorded: at the default, a burst of pods runs a collection
+every few pods, and each promotes them toward the costly full collections."""
+
+
+def settle_garbage_collector() -> None:
+    """Keep what is loaded at start out of the collector's way, and collect the young generation less often.
+
+    The modules, kopf's machinery and the API client's model classes live as long as the process; frozen, the
+    full collections under load no longer walk them again and again (garbage collection was about 10 % of the
+    recorder's CPU in a profile).
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, middle, old)
+
+
 def run(settings: config.Settings) -> None:
     """Run the operator until it is told to stop (SIGTERM/SIGINT)."""
     import uvloop
 
     registry = build_registry(settings, signing_key=read_signing_key_file(settings))
+    settle_garbage_collector()
     memo = kopf.Memo()
     uvloop.run(
         kopf.operator(
