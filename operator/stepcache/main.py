@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import gc
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from stepcache import (
     config,
     entries,
     errors,
+    heap,
     keys,
     kube,
     logs,
@@ -276,6 +276,7 @@ def build_registry(settings: config.Settings, *, signing_key: bytes | None = Non
             asyncio.create_task(view.recorded_forever(), name="stepcache-cacheentry-recorded"),
             asyncio.create_task(_resync_forever(rt, rec), name="stepcache-resync"),
             asyncio.create_task(_collect_blobs_forever(rt), name="stepcache-blob-collector"),
+            asyncio.create_task(_trim_heap_forever(), name="stepcache-heap-trim"),
         ]
         if stepcache_settings.blob_port and rt.blobs is not None:
             server = blobserver.BlobServer(
@@ -453,23 +454,18 @@ async def _resync_forever(rt: runtime.Runtime, rec: recorder.Recorder) -> None:
                 log.info("resync_found_unrecorded", pods=found)
 
 
-_YOUNG_COLLECTION_THRESHOLD = 10_000
-"""Net new container objects between two young collections (Python's default: 700). Every delivered pod parses
-into hundreds of dicts and lists that live until it is recorded: at the default, a burst of pods runs a collection
-every few pods, and each promotes them toward the costly full collections."""
+_TRIM_INTERVAL = 10.0
+"""Seconds between two returns of freed memory to the system (each costs about 0.1 ms)."""
 
 
-def settle_garbage_collector() -> None:
-    """Keep what is loaded at start out of the collector's way, and collect the young generation less often.
-
-    The modules, kopf's machinery and the API client's model classes live as long as the process; frozen, the
-    full collections under load no longer walk them again and again (garbage collection was about 10 % of the
-    recorder's CPU in a profile).
-    """
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, middle, old)
+async def _trim_heap_forever() -> None:
+    """Give memory freed after a burst (watch lines, answers, decoded pods) back to the system, so RSS follows what
+    the operator holds rather than its highest point."""
+    if not heap.trim():
+        return  # not glibc: nothing to trim with
+    while True:
+        await asyncio.sleep(_TRIM_INTERVAL)
+        heap.trim()
 
 
 def run(settings: config.Settings) -> None:
@@ -477,7 +473,7 @@ def run(settings: config.Settings) -> None:
     import uvloop
 
     registry = build_registry(settings, signing_key=read_signing_key_file(settings))
-    settle_garbage_collector()
+    heap.settle()
     memo = kopf.Memo()
     uvloop.run(
         kopf.operator(
