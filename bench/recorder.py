@@ -249,17 +249,22 @@ def _stages(
 
 def _cpu_pids(st: stage.Stage) -> dict[str, list[int]]:
     """The processes whose CPU time a recording costs: the operator, Postgres (every backend), kube-apiserver and
-    etcd."""
+    etcd; and, on the same cores, the controllers and scheduler reacting to the same pods, and this load generator."""
     assert st.operator is not None
-    control_plane = []
+    control_plane, controllers = [], []
     for pid in common.descendants(os.getpid()):
         with contextlib.suppress(OSError):
-            if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() in ("kube-apiserver", "etcd"):
+            name = pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
+            if name in ("kube-apiserver", "etcd"):
                 control_plane.append(pid)
+            elif name in ("kube-controller", "kube-scheduler"):  # comm is cut at 15 characters
+                controllers.append(pid)
     return {
         "operator": common.descendants(stage.pid_of(st.operator)),
         "postgres": common.descendants(st.postmaster_pid),
         "apiserver+etcd": control_plane,
+        "controllers+scheduler": controllers,
+        "load generator": [os.getpid()],
     }
 
 
