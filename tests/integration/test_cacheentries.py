@@ -427,6 +427,18 @@ def created_at(fake: FakeEntries) -> dict[str, float]:
     return times
 
 
+@contextlib.asynccontextmanager
+async def showing(view: mirror.Mirror) -> AsyncIterator[None]:
+    """The mirror's workers for just-recorded entries, running for the block."""
+    workers = asyncio.create_task(view.recorded_forever())
+    try:
+        yield
+    finally:
+        workers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await workers
+
+
 async def test_while_the_recorder_stays_busy_a_recorded_entry_is_shown_only_after_the_hold(
     mirrored: MirrorUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,16 +447,11 @@ async def test_while_the_recorder_stays_busy_a_recorded_entry_is_shown_only_afte
     entry = new_entry()
     entry_id = await mirrored.cache.record(entry)
     mirrored.mirror.yield_to(asyncio.Event())  # never set: pods are being recorded all along
-    workers = asyncio.create_task(mirrored.mirror.recorded_forever())
-    try:
+    async with showing(mirrored.mirror):
         queued = time.monotonic()
         mirrored.mirror.recorded_later(pod_of(entry), entry_id=entry_id)
         name = f"train-{key('step')[:12]}"
         await polling.eventually(lambda: asyncio.sleep(0, times), until=lambda t: name in t)
-    finally:
-        workers.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await workers
     assert times[name] - queued >= 1.0
     assert [e["reason"] for e in mirrored.fake.events.values()] == ["Recorded"]
 
@@ -455,8 +462,7 @@ async def test_a_held_entry_is_shown_as_soon_as_the_recorder_falls_quiet(mirrore
     entry_id = await mirrored.cache.record(entry)
     quiet = asyncio.Event()
     mirrored.mirror.yield_to(quiet)
-    workers = asyncio.create_task(mirrored.mirror.recorded_forever())
-    try:
+    async with showing(mirrored.mirror):
         mirrored.mirror.recorded_later(pod_of(entry), entry_id=entry_id)
         for _ in range(20):  # round trips to the database: time a worker that did not hold would use to show it
             await mirrored.cache.summary(entry_id)
@@ -465,10 +471,6 @@ async def test_a_held_entry_is_shown_as_soon_as_the_recorder_falls_quiet(mirrore
         name = f"train-{key('step')[:12]}"
         # Well within the 30 s hold: shown because the recorder fell quiet.
         await polling.eventually(lambda: asyncio.sleep(0, times), until=lambda t: name in t)
-    finally:
-        workers.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await workers
     assert mirrored.fake.objects[("team-a", name)]["status"]["hits"] == 0
 
 

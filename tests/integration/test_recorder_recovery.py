@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import json
 import logging
-import pathlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
@@ -99,18 +98,9 @@ def task_result(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- fixtures ---------------------------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[harness.Emulator]:
-    async with harness.emulated_cluster() as emulated:
-        await harness.create_opted_in(emulated, NAMESPACE)
-        yield emulated
-
-
-@pytest.fixture
-def launcher(cluster: harness.Emulator, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> harness.Launcher:
-    certs = harness.webhook_tls(tmp_path)
-    return harness.Launcher(cluster=cluster, certs=certs, tmp_path=tmp_path, monkeypatch=monkeypatch)
+cluster = recorder_tests.cluster
+"""The recorder tests' emulated cluster, its namespace opted in."""
+launcher = recorder_tests.launcher
 
 
 @contextlib.asynccontextmanager
